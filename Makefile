@@ -1,0 +1,48 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both install what they need.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   ?= torch==2.13.0
+
+.PHONY: install demo test test-unit test-integration lint typecheck bench model evaluate clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, from the CPU wheel on local disk: never let a dependency pull a CUDA build
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[eval,codecs,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/elbert-stream demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration -m integration
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/elbert-stream bench all
+
+model: $(STAMP)
+	$(BIN)/elbert-stream train --recipe bbc-minilm --out elbert_stream/models/bbc-elbert
+
+evaluate: $(STAMP)
+	$(BIN)/elbert-stream evaluate --out bench/results
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

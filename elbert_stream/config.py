@@ -1,0 +1,112 @@
+"""Settings: pydantic models, settable from the environment with prefix ``ELBERT_``.
+
+Nested fields use ``__``: ``ELBERT_KAFKA__BOOTSTRAP_SERVERS=broker:9092``,
+``ELBERT_EXIT__TAU=0.2``. One ``Settings`` object is built at the edge (CLI, Serve replica)
+and passed explicitly; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PolicyName = Literal["confidence_window", "entropy", "patience", "none"]
+
+
+class ModelSettings(BaseModel):
+    path: str | None = Field(None, description="ALBERT/ELBERT checkpoint dir; None = the shipped BBC model")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = float32 on CPU, bfloat16 on CUDA"
+    )
+    max_length: int = Field(128, ge=8, description="truncation length in tokens (<= model max positions)")
+    compile: bool = Field(False, description="torch.compile the shared layer (CUDA only pays off)")
+
+
+class ExitSettings(BaseModel):
+    """Exit rule. ``None`` values take the model's saved defaults (its config's ``elbert`` block)."""
+
+    policy: PolicyName = "confidence_window"
+    tau: float | None = Field(None, ge=0.0, le=1.0, description="normalised-entropy threshold (stage 1)")
+    window: int | None = Field(None, ge=1, description="confidence window length in depths (stage 2)")
+    patience: int | None = Field(None, ge=1, description="PABEE patience (policy=patience)")
+    require_rising: bool | None = Field(None, description="stage 2 also needs non-falling top probability")
+    min_depth: int | None = Field(None, ge=1, description="no exit before this depth")
+
+
+class EngineSettings(BaseModel):
+    max_slots: int = Field(64, ge=1, description="samples in flight at once (rows of the slot table)")
+    max_batch_tokens: int = Field(8192, ge=8, description="sum of token lengths over busy slots")
+    max_queue: int = Field(1024, ge=1, description="waiting requests before add() reports full")
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    input_topics: list[str] = Field(default_factory=lambda: ["elbert-input"])
+    output_topic: str = "elbert-output"
+    dead_letter_topic: str = "elbert-dead-letter"
+    group_id: str = "elbert-stream"
+    group_instance_id: str | None = Field(
+        None, description="static membership id; the Serve replica sets one per replica"
+    )
+    input_format: Literal["text", "json", "auto"] = Field(
+        "auto", description="text = UTF-8 value; json = {'text':..,'id':..}; auto = json if it parses"
+    )
+    max_message_bytes: int = Field(1_000_000, ge=1)
+    max_text_chars: int = Field(100_000, ge=1, description="longer texts are dead-lettered")
+    session_timeout_ms: int = Field(10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(2_000, ge=100)
+    max_poll_records: int = Field(256, ge=1)
+    poll_timeout_ms: int = Field(20, ge=0)
+    commit_interval_s: float = Field(1.0, gt=0)
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    transactional_id_prefix: str = "elbert-stream"
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    # security
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _check_sasl(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                f"security_protocol={self.security_protocol!r} needs sasl_mechanism, sasl_username "
+                "and sasl_password"
+            )
+        return self
+
+
+class TelemetrySettings(BaseModel):
+    prometheus_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics here")
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP endpoint for metrics and traces")
+    service_name: str = "elbert-stream"
+
+
+class AutoscalingSettings(BaseModel):
+    target_utilization: float = Field(0.7, gt=0, le=1.0, description="fraction of measured capacity")
+    drain_time_s: float = Field(30.0, gt=0, description="backlog must drain within this time")
+    scale_down_delay_s: float = Field(60.0, ge=0, description="hysteresis before removing replicas")
+    scale_down_headroom: float = Field(0.8, gt=0, le=1.0, description="scale down only below this share")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ELBERT_", env_nested_delimiter="__", extra="forbid")
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    exit: ExitSettings = Field(default_factory=ExitSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
