@@ -1,0 +1,298 @@
+"""Kafka source and sink (kafka-python) with commit-after-delivery.
+
+``KafkaSource`` is a consumer-group member with auto-commit off: it tracks every polled offset in an
+``OffsetTracker`` and commits, on its own thread only, the contiguous run whose results the broker
+acknowledged. ``KafkaSink`` is an idempotent ``acks=all`` producer: outputs and dead letters mark
+their input offset done from the delivery callback. Codec and schema live in ``records.py``.
+
+Delivery failure policy (at-least-once): the producer retries retriable errors itself until
+``delivery_timeout_ms``. An output the broker rejects as a record (too large, invalid) is sent to the
+dead-letter topic with reason ``output_rejected``; any other failed delivery (broker unreachable past
+the timeout, authorisation, a failed dead letter) is fatal: ``KafkaSink.raise_failures`` raises
+``DeliveryError``, the worker stops with that error and fails its health check, and the offset is never
+committed, so the replacement replica processes the message again. Nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka import TopicPartition as KTopicPartition
+from kafka import errors as kerrors
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.structs import OffsetAndMetadata
+
+from elbert_stream.config import KafkaSettings
+from elbert_stream.errors import ElbertError
+from elbert_stream.offsets import OffsetTracker, TopicPartition
+from elbert_stream.records import (
+    InputMessage,
+    OutputRecord,
+    dead_letter_headers,
+    trace_headers,
+)
+
+log = logging.getLogger(__name__)
+RECORD_REJECTED = (kerrors.MessageSizeTooLargeError, kerrors.RecordListTooLargeError,
+                   kerrors.InvalidRecordError, kerrors.CorruptRecordError)
+
+
+class DeliveryError(ElbertError):
+    """A result could not be delivered to Kafka; the worker must stop (its offset stays uncommitted)."""
+
+
+def client_config(k: KafkaSettings) -> dict[str, Any]:
+    """Connection and security options shared by consumer, producer and admin clients."""
+    cfg: dict[str, Any] = {"bootstrap_servers": k.bootstrap_servers.split(","),
+                           "security_protocol": k.security_protocol}
+    if k.sasl_mechanism:
+        cfg.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username,
+                   sasl_plain_password=k.sasl_password.get_secret_value() if k.sasl_password else None)
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        cfg.update(ssl_cafile=k.ssl_cafile, ssl_certfile=k.ssl_certfile, ssl_keyfile=k.ssl_keyfile,
+                   ssl_password=k.ssl_password.get_secret_value() if k.ssl_password else None,
+                   ssl_check_hostname=k.ssl_check_hostname)
+    return cfg
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self.source = source
+
+    def on_partitions_revoked(self, revoked: set[KTopicPartition]) -> None:
+        self.source._on_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned: set[KTopicPartition]) -> None:
+        self.source._on_assigned(assigned)
+
+
+class KafkaSource:
+    """Consumer-group member over ``settings.input_topics``. Not thread-safe: every method runs on
+    the worker's loop thread (kafka-python's consumer is single-threaded).
+
+    ``on_revoke(tps)`` is called (on that thread, inside ``poll``) after the revoked partitions'
+    finished offsets were committed and before they are forgotten; the worker drops its local
+    buffer for them there.
+    """
+
+    def __init__(self, settings: KafkaSettings, tracker: OffsetTracker, *, client_id: str = "elbert-stream",
+                 on_revoke: Callable[[set[TopicPartition]], None] | None = None,
+                 isolation_level: str = "read_committed") -> None:
+        self.settings = settings
+        self.tracker = tracker
+        self.on_revoke = on_revoke
+        self.paused = False
+        self.num_commits = 0
+        self.num_commit_failures = 0
+        self._last_commit_s = time.monotonic()
+        self.consumer = KafkaConsumer(
+            **client_config(settings), client_id=client_id, group_id=settings.group_id,
+            group_instance_id=settings.group_instance_id, enable_auto_commit=False,
+            auto_offset_reset=settings.auto_offset_reset, session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=settings.heartbeat_interval_ms, max_poll_records=settings.max_poll_records,
+            isolation_level=isolation_level,
+        )
+        self.consumer.subscribe(settings.input_topics, listener=_Rebalance(self))
+
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputMessage]:
+        """Fetch records, track their offsets, return them in partition/offset order."""
+        batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records, update_offsets=True)
+        now = time.monotonic()
+        out: list[InputMessage] = []
+        for ktp, records in batches.items():
+            tp = TopicPartition(ktp.topic, ktp.partition)
+            for r in records:
+                epoch = self.tracker.track(tp, r.offset)
+                if epoch is None:
+                    log.warning("skipping re-delivered %s[%d]@%d", tp.topic, tp.partition, r.offset)
+                    continue
+                out.append(InputMessage(
+                    topic=tp.topic, partition=tp.partition, offset=r.offset, key=r.key, value=r.value,
+                    headers=[(k, v) for k, v in (r.headers or [])],
+                    timestamp_ms=-1 if r.timestamp is None else r.timestamp, epoch=epoch, polled_s=now,
+                ))
+        return out
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(t.topic, t.partition) for t in self.consumer.assignment()}
+
+    def pause(self) -> None:
+        """Stop fetching from every assigned partition (and from ones assigned later) until resume."""
+        if not self.paused:
+            self.consumer.pause(*self.consumer.assignment())
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self.consumer.resume(*self.consumer.paused())
+            self.paused = False
+
+    def maybe_commit(self, force: bool = False) -> dict[TopicPartition, int]:
+        """Commit finished offsets when ``commit_interval_s`` has passed (or ``force``); returns them."""
+        now = time.monotonic()
+        if not force and now - self._last_commit_s < self.settings.commit_interval_s:
+            return {}
+        self._last_commit_s = now
+        return self._commit(self.tracker.committable())
+
+    def _commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        if not offsets:
+            return {}
+        try:
+            self.consumer.commit({KTopicPartition(*tp): OffsetAndMetadata(off, "", -1)
+                                  for tp, off in offsets.items()})
+        except (kerrors.CommitFailedError, kerrors.KafkaError) as e:
+            self.num_commit_failures += 1
+            log.warning("commit of %s failed (will retry next interval): %r", _fmt(offsets), e)
+            return {}
+        self.tracker.mark_committed(offsets)
+        self.num_commits += 1
+        log.debug("committed %s", _fmt(offsets))
+        return offsets
+
+    def _on_revoked(self, revoked: set[KTopicPartition]) -> None:
+        tps = {TopicPartition(t.topic, t.partition) for t in revoked}
+        ready = self.tracker.committable()
+        self._commit({tp: off for tp, off in ready.items() if tp in tps})
+        if self.on_revoke is not None:
+            self.on_revoke(tps)
+        self.tracker.forget(tps)
+        log.info("partitions revoked: %s", sorted(tps))
+
+    def _on_assigned(self, assigned: set[KTopicPartition]) -> None:
+        if self.paused and assigned:
+            self.consumer.pause(*assigned)
+        log.info("partitions assigned: %s", sorted((t.topic, t.partition) for t in assigned))
+
+    def lag(self) -> dict[TopicPartition, int | None]:
+        """{tp: end offset - position} per assigned partition; None where the broker's end offset is
+        below the position (Tansu 0.6 answers ListOffsets wrongly, so lag is not trustworthy there)."""
+        parts = list(self.consumer.assignment())
+        if not parts:
+            return {}
+        try:
+            ends = self.consumer.end_offsets(parts)
+        except kerrors.KafkaError as e:
+            log.debug("end_offsets failed: %r", e)
+            return {}
+        out: dict[TopicPartition, int | None] = {}
+        for ktp in parts:
+            try:
+                pos = self.consumer.position(ktp, timeout_ms=0)
+            except kerrors.KafkaError:
+                pos = None
+            end = ends.get(ktp)
+            ok = pos is not None and end is not None and end >= pos
+            out[TopicPartition(ktp.topic, ktp.partition)] = end - pos if ok else None
+        return out
+
+    def close(self, timeout_ms: int = 5000) -> None:
+        """Close without LeaveGroup when static membership is on (``group_instance_id`` set): the
+        partitions stay ours until the session times out, or until the same instance id rejoins."""
+        self.consumer.close(autocommit=False, timeout_ms=timeout_ms)
+
+
+def _fmt(offsets: dict[TopicPartition, int]) -> str:
+    return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items()))
+
+
+@dataclass
+class _Failure:
+    msg: InputMessage
+    kind: str  # "output" | "dead_letter"
+    error: BaseException
+
+
+class KafkaSink:
+    """Idempotent ``acks=all`` producer for outputs and dead letters.
+
+    ``send_output`` / ``send_dead_letter`` may run on any one thread; their delivery callbacks (on
+    the producer's I/O thread) mark the input offset done in the tracker and count the outcome.
+    Failures are queued and handled by ``raise_failures`` on the caller's thread (see module doc).
+    """
+
+    def __init__(self, settings: KafkaSettings, tracker: OffsetTracker, *, replica_id: str,
+                 client_id: str = "elbert-stream", **producer_overrides: Any) -> None:
+        self.settings = settings
+        self.tracker = tracker
+        self.replica_id = replica_id
+        self.counts: Counter[str] = Counter()  # ok | dead_letter | dead_letter.<reason> | error
+        self._lock = threading.Lock()
+        self._failures: list[_Failure] = []
+        self._in_flight = 0
+        cfg: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 2,
+                               "compression_type": None if settings.compression_type == "none"
+                               else settings.compression_type}
+        cfg.update(producer_overrides)
+        self.producer = KafkaProducer(**client_config(settings), client_id=client_id, **cfg)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    def send_output(self, msg: InputMessage, record: OutputRecord) -> None:
+        """Produce ``record`` (key = input key, trace headers carried); an output the client rejects
+        outright (too large) becomes an ``output_rejected`` dead letter."""
+        try:
+            self._send(self.settings.output_topic, msg, record.to_bytes(), msg.key, trace_headers(msg), "ok")
+        except RECORD_REJECTED as e:
+            self.send_dead_letter(msg, "output_rejected", f"output record rejected: {e!r}")
+
+    def send_dead_letter(self, msg: InputMessage, reason: str, detail: str) -> None:
+        """Produce the original key and value to the dead-letter topic, with the reason in headers."""
+        log.warning("dead letter %s: %s: %s", msg.where, reason, detail[:200])
+        headers = dead_letter_headers(msg, reason, detail, self.replica_id)
+        self._send(self.settings.dead_letter_topic, msg, msg.value, msg.key, headers, f"dead_letter.{reason}")
+
+    def _send(self, topic: str, msg: InputMessage, value: bytes | None, key: bytes | None,
+              headers: list[tuple[str, bytes]], outcome: str) -> None:
+        with self._lock:
+            self._in_flight += 1
+        try:
+            fut = self.producer.send(topic, value=value, key=key, headers=headers)
+        except BaseException:
+            with self._lock:
+                self._in_flight -= 1
+            raise
+        fut.add_callback(self._on_ack, msg, outcome)
+        fut.add_errback(self._on_error, msg, "output" if outcome == "ok" else "dead_letter")
+
+    def _on_ack(self, msg: InputMessage, outcome: str, _metadata: Any) -> None:
+        self.tracker.done((msg.topic, msg.partition), msg.offset, msg.epoch)
+        with self._lock:
+            self._in_flight -= 1
+            self.counts[outcome.split(".")[0]] += 1
+            if outcome != "ok":
+                self.counts[outcome] += 1
+
+    def _on_error(self, msg: InputMessage, kind: str, error: BaseException) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self._failures.append(_Failure(msg, kind, error))
+
+    def raise_failures(self) -> None:
+        """Handle failed deliveries (call on the worker thread): dead-letter rejected outputs, raise
+        ``DeliveryError`` for the rest."""
+        with self._lock:
+            failures, self._failures = self._failures, []
+        for f in failures:
+            if f.kind == "output" and isinstance(f.error, RECORD_REJECTED):
+                self.send_dead_letter(f.msg, "output_rejected", f"output record rejected: {f.error!r}")
+                continue
+            with self._lock:
+                self.counts["error"] += 1
+            raise DeliveryError(f"cannot deliver the {f.kind} for {f.msg.where}: {f.error!r}") from f.error
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self.producer.flush(timeout=timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.producer.close(timeout=timeout_s)
