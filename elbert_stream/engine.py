@@ -1,0 +1,341 @@
+"""The continuous-batching engine: one shared-layer application over every busy slot per step.
+
+``Engine.step()``: admit waiting requests into free slots (``SlotScheduler``) and embed them;
+run ``model.layer`` ONCE over all busy slots, whatever depth each is at; classify; apply the exit
+policy; return the samples that exited as ``Prediction``s and free their slots.
+
+State lives on the model's device between steps: hidden states ``[S, T_max, H]``, token lengths
+(the attention masks are derived from them), depths, the policy's ``ExitState`` and the per-depth
+trace ``[S, L, 3]`` (pred, top prob, entropy). Per step the host reads only the exit reasons of
+the busy rows, then (on steps where some exited) those rows' probabilities and traces. Each step
+runs on the busy rows cut to the longest busy text (see docs/engine.md for why not buckets).
+
+Modes (same code path; the benchmark compares them):
+
+* ``continuous`` refill any free slot every step (the product).
+* ``compaction`` static batches that shrink: admit only into an empty table, free rows as they exit
+  (FastBERT-style batch compaction).
+* ``naive``      static early-exit batches: admit only into an empty table and keep every row,
+  exited or not, running until the last row of the batch exits; results are released together.
+
+Threading: ``add``, ``step``, ``stats`` belong to one thread (the worker's). ``set_policy`` may be
+called from any thread; it takes effect at the start of the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from elbert_stream.config import EngineSettings, Settings
+from elbert_stream.errors import BadMessage, ConfigError
+from elbert_stream.exit_policy import REASON_NAMES, ExitPolicy, ExitState
+from elbert_stream.model import ElbertModel, load_tokenizer, resolve_device, resolve_dtype
+from elbert_stream.request import DepthTrace, Prediction, Request
+from elbert_stream.scheduler import Admission, SlotScheduler
+
+log = logging.getLogger(__name__)
+
+BatchMode = Literal["continuous", "compaction", "naive"]
+BATCH_MODES: tuple[str, ...] = ("continuous", "compaction", "naive")
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started plus a snapshot of the slot table. Host data only."""
+
+    mode: str
+    max_slots: int
+    num_steps: int = 0
+    num_layer_rows: int = 0  # sum over steps of busy rows = shared-layer applications
+    num_admitted: int = 0
+    num_finished: int = 0
+    num_rejected: int = 0  # add() returned False (queue full)
+    num_busy: int = 0
+    num_waiting: int = 0
+    num_tokens: int = 0  # sum over steps of the busy rows' real token counts
+    num_padded_tokens: int = 0  # sum over steps of rows x step length (what the layer computed)
+    step_time_s: float = 0.0  # wall time inside step(), including the host reads
+    exit_depth_counts: list[int] = field(default_factory=list)  # [L]; index d-1 = exits at depth d
+    busy_depth_counts: list[int] = field(default_factory=list)  # [L]; index d = busy rows with d layers done
+    policy: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean_exit_depth(self) -> float:
+        n = sum(self.exit_depth_counts)
+        return sum((d + 1) * c for d, c in enumerate(self.exit_depth_counts)) / n if n else 0.0
+
+    @property
+    def padding_efficiency(self) -> float:
+        """Real tokens / computed tokens (1.0 = no padding waste)."""
+        return self.num_tokens / self.num_padded_tokens if self.num_padded_tokens else 1.0
+
+
+@dataclass(slots=True)
+class _Exit:
+    """One row's result as read from the device, before its slot is freed."""
+
+    slot: int
+    depth: int
+    reason: int
+    data: list[float]  # probs [K] then trace [L*3] flattened
+
+
+class Engine:
+    """Continuous batching over early-exit depths for one ``ElbertModel``."""
+
+    def __init__(self, model: ElbertModel, policy: ExitPolicy, settings: EngineSettings, *, max_length: int,
+                 tokenizer: PreTrainedTokenizerBase | None = None, mode: BatchMode = "continuous",
+                 compile: bool = False) -> None:
+        if mode not in BATCH_MODES:
+            raise ConfigError(f"unknown engine mode {mode!r}; choose one of {BATCH_MODES}")
+        if not 1 <= max_length <= model.max_positions:
+            raise ConfigError(f"max_length must be in [1, {model.max_positions}] (model max positions), "
+                              f"got {max_length}")
+        self._check_policy(policy, model)
+        self.model = model.eval()
+        self.max_length = max_length
+        self.mode: BatchMode = mode
+        self._tokenizer = tokenizer
+        self._policy = policy
+        self._pending: ExitPolicy | None = None
+        self._lock = threading.Lock()
+        self._sched = SlotScheduler(settings.max_slots, settings.max_batch_tokens, settings.max_queue,
+                                    admit_when_empty=mode != "continuous")
+        self._device = model.device
+        self._pad_multiple = 8 if self._device.type == "cuda" else 1
+        self._alloc(settings.max_slots)
+        self._stats = EngineStats(mode=mode, max_slots=settings.max_slots,
+                                  exit_depth_counts=[0] * model.num_layers)
+        self._held: list[_Exit] = []  # naive mode: exited rows waiting for their batch
+        self._layer_head = self._eager_layer_head
+        if compile:
+            if self._device.type != "cuda":
+                log.warning("torch.compile requested on %s; it pays off on CUDA only", self._device)
+            self._layer_head = torch.compile(self._eager_layer_head, dynamic=True)
+
+    @staticmethod
+    def _check_policy(policy: ExitPolicy, model: ElbertModel) -> None:
+        if policy.num_layers != model.num_layers:
+            raise ConfigError(f"policy is for {policy.num_layers} layers, the model has {model.num_layers}")
+
+    def _alloc(self, num_slots: int) -> None:
+        """Preallocate the device state (inference tensors) and its host mirrors."""
+        m, dev = self.model, self._device
+        with torch.inference_mode():
+            self._hidden = torch.zeros(num_slots, self.max_length, m.hidden_size, dtype=m.dtype, device=dev)
+            self._len_dev = torch.zeros(num_slots, dtype=torch.long, device=dev)  # [S] tokens per slot
+            self._depth_dev = torch.zeros(num_slots, dtype=torch.long, device=dev)  # [S] layers done
+            self._state = ExitState.empty(num_slots, dev)  # [S] each
+            self._trace = torch.zeros(num_slots, m.num_layers, 3, device=dev)  # [S, L, 3] fp32
+            self._positions = torch.arange(self.max_length, device=dev)  # [T_max]
+        self._len = np.zeros(num_slots, dtype=np.int64)  # host mirrors: never read back from the device
+        self._depth = np.zeros(num_slots, dtype=np.int64)
+        self._busy = np.zeros(num_slots, dtype=bool)
+        self._done = np.zeros(num_slots, dtype=bool)  # naive mode: exited but still computed
+
+    # ---- construction from settings ---------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Settings, *, mode: BatchMode = "continuous") -> Engine:
+        """Load model (None path = shipped), tokenizer, device, dtype and exit policy from settings."""
+        device = resolve_device(settings.model.device)
+        dtype = resolve_dtype(settings.model.dtype, device)
+        model = ElbertModel.from_pretrained(settings.model.path, device=device, dtype=dtype)
+        tokenizer = load_tokenizer(settings.model.path)
+        policy = ExitPolicy.from_settings(settings.exit, model.extras.exit, model.num_layers)
+        log.info("engine: model %s v%s on %s/%s, policy %s, mode %s", model.extras.name,
+                 model.extras.version, device, dtype, policy.describe(), mode)
+        return cls(model, policy, settings.engine, max_length=settings.model.max_length, tokenizer=tokenizer,
+                   mode=mode, compile=settings.model.compile)
+
+    # ---- public API -------------------------------------------------------------------------------
+    @property
+    def policy(self) -> ExitPolicy:
+        with self._lock:
+            return self._pending or self._policy
+
+    def set_policy(self, policy: ExitPolicy) -> None:
+        """Swap the exit policy (thread-safe); applies from the next step, slots keep their state."""
+        self._check_policy(policy, self.model)
+        with self._lock:
+            self._pending = policy
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids with special tokens, truncated to ``max_length``."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(None)
+        enc = self._tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        return [list(ids) for ids in enc["input_ids"]]
+
+    def add(self, request: Request) -> bool:
+        """Queue a request; False when the waiting queue is full (apply backpressure, retry later).
+
+        Raises ``BadMessage`` (a per-message outcome) for empty, over-long or out-of-vocabulary ids.
+        """
+        self._validate(request)
+        if not self._sched.add(request):
+            self._stats.num_rejected += 1
+            return False
+        return True
+
+    def has_work(self) -> bool:
+        return self._sched.has_work()
+
+    def stats(self) -> EngineStats:
+        """A snapshot (copy) of the counters and the slot table's depth histogram."""
+        s = self._stats
+        live = self._busy & ~self._done
+        counts = np.bincount(self._depth[live], minlength=self.model.num_layers)[: self.model.num_layers]
+        return EngineStats(
+            mode=s.mode, max_slots=s.max_slots, num_steps=s.num_steps, num_layer_rows=s.num_layer_rows,
+            num_admitted=s.num_admitted, num_finished=s.num_finished, num_rejected=s.num_rejected,
+            num_busy=self._sched.num_busy, num_waiting=self._sched.num_waiting, num_tokens=s.num_tokens,
+            num_padded_tokens=s.num_padded_tokens, step_time_s=s.step_time_s,
+            exit_depth_counts=list(s.exit_depth_counts), busy_depth_counts=[int(c) for c in counts],
+            policy=self.policy.describe(),
+        )
+
+    def step(self) -> list[Prediction]:
+        """Admit, run the shared layer once over every busy slot, return the samples that exited."""
+        t0 = time.perf_counter()
+        with self._lock:
+            if self._pending is not None:
+                self._policy, self._pending = self._pending, None
+        admitted = self._sched.schedule()
+        with torch.inference_mode():
+            if admitted:
+                self._admit(admitted)
+            busy = np.flatnonzero(self._busy)  # [B] slot numbers
+            if busy.size == 0:
+                return []
+            exits = self._run_busy(busy)
+        out = self._release(exits)
+        self._stats.num_steps += 1
+        self._stats.step_time_s += time.perf_counter() - t0
+        return out
+
+    def run_all(self, requests: list[Request]) -> list[Prediction]:
+        """Add every request (stepping while the queue is full) and step until all finished."""
+        out: list[Prediction] = []
+        for request in requests:
+            while not self.add(request):
+                out.extend(self.step())
+        while self.has_work():
+            out.extend(self.step())
+        return out
+
+    # ---- the hot path -----------------------------------------------------------------------------
+    def _validate(self, request: Request) -> None:
+        ids = request.input_ids
+        if not ids:
+            raise BadMessage("empty", f"request {request.request_id!r} has no token ids")
+        if len(ids) > self.max_length:
+            raise BadMessage("too_long", f"request {request.request_id!r} has {len(ids)} token ids, "
+                                         f"max_length is {self.max_length}; tokenize with truncation")
+        vocab = int(self.model.config.vocab_size)
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise BadMessage("bad_token_id", f"request {request.request_id!r} has token id {bad} "
+                                             f"outside the vocabulary [0, {vocab})")
+
+    def _admit(self, admitted: list[Admission]) -> None:
+        """Embed newly admitted requests into their slots and reset those slots' state."""
+        lens = np.array([a.request.num_tokens for a in admitted], dtype=np.int64)  # [A]
+        ids = np.full((len(admitted), int(lens.max())), self.model.config.pad_token_id or 0, np.int64)
+        for i, a in enumerate(admitted):
+            ids[i, : lens[i]] = a.request.input_ids
+        slots_np = np.array([a.slot for a in admitted], dtype=np.int64)
+        dev = self._device
+        slots = torch.from_numpy(slots_np).to(dev, non_blocking=True)  # [A]
+        ids_t = torch.from_numpy(ids).to(dev, non_blocking=True)  # [A, Tn]
+        lens_t = torch.from_numpy(lens).to(dev, non_blocking=True)  # [A]
+        mask = (self._positions[: ids.shape[1]] < lens_t[:, None]).long()  # [A, Tn]
+        self._hidden[slots, : ids.shape[1]] = self.model.embed(ids_t, mask)  # [A, Tn, H]
+        self._len_dev[slots] = lens_t
+        self._depth_dev[slots] = 0
+        self._state.reset(slots)
+        self._len[slots_np] = lens
+        self._depth[slots_np] = 0
+        self._busy[slots_np] = True
+        self._done[slots_np] = False
+        self._stats.num_admitted += len(admitted)
+
+    def _eager_layer_head(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden ``[B, T, H]``, mask ``[B, T]`` -> (next hidden ``[B, T, H]``, probs ``[B, K]`` fp32)."""
+        out = self.model.layer(x, mask)  # [B, T, H]
+        logits = self.model.classify(out, mask)  # [B, K]
+        return out, torch.softmax(logits.float(), dim=-1)
+
+    def _step_length(self, busy: np.ndarray) -> int:
+        """The longest busy text, rounded up to the pad multiple (CUDA: 8), capped at max_length."""
+        longest = int(self._len[busy].max())
+        m = self._pad_multiple
+        return min(self.max_length, -(-longest // m) * m)
+
+    def _run_busy(self, busy: np.ndarray) -> list[_Exit]:
+        """One layer application over the busy rows; returns the rows that exited this step."""
+        idx = torch.from_numpy(busy).to(self._device, non_blocking=True)  # [B]
+        t = self._step_length(busy)
+        mask = (self._positions[:t] < self._len_dev[idx, None]).long()  # [B, T]
+        out, probs = self._layer_head(self._hidden[idx, :t], mask)  # [B, T, H], [B, K]
+        self._hidden[idx, :t] = out
+        depth = self._depth_dev[idx] + 1  # [B]
+        self._depth_dev[idx] = depth
+        dec = self._policy.decide(probs, depth, self._state.rows(idx))
+        self._state.assign(idx, dec.state)
+        self._trace[idx, depth - 1] = torch.stack([dec.pred.float(), dec.top, dec.entropy], -1)  # [B, 3]
+        self._depth[busy] += 1
+        self._count_step(busy, t)
+        reason = dec.reason.cpu().numpy()  # [B]  the one per-step device->host read
+        rows = np.flatnonzero((reason != 0) & ~self._done[busy])  # positions within busy
+        if rows.size == 0:
+            return []
+        rows_t = torch.from_numpy(rows).to(self._device, non_blocking=True)  # [E]
+        data = torch.cat([probs[rows_t], self._trace[idx[rows_t]].flatten(1)], 1).cpu()  # [E, K + 3L]
+        slots = busy[rows]
+        return [_Exit(int(s), int(self._depth[s]), int(reason[r]), d)
+                for s, r, d in zip(slots, rows, data.tolist(), strict=True)]
+
+    def _count_step(self, busy: np.ndarray, t: int) -> None:
+        s = self._stats
+        s.num_layer_rows += int(busy.size)
+        s.num_tokens += int(self._len[busy].sum())
+        s.num_padded_tokens += int(busy.size) * t
+
+    def _release(self, exits: list[_Exit]) -> list[Prediction]:
+        """Free exited slots (naive mode: only once the whole batch exited) and build Predictions."""
+        for e in exits:
+            self._stats.exit_depth_counts[e.depth - 1] += 1
+        if self.mode == "naive":
+            self._held.extend(exits)
+            self._done[np.array([e.slot for e in exits], dtype=np.int64)] = True
+            if not self._done[self._busy].all():
+                return []
+            exits, self._held = self._held, []
+        if not exits:
+            return []
+        requests = self._sched.free([e.slot for e in exits])
+        self._busy[np.array([e.slot for e in exits], dtype=np.int64)] = False
+        self._stats.num_finished += len(exits)
+        return [self._prediction(e, r) for e, r in zip(exits, requests, strict=True)]
+
+    def _prediction(self, e: _Exit, request: Request) -> Prediction:
+        k = self.model.num_labels
+        trace = [DepthTrace(depth=d + 1, label_index=int(e.data[k + 3 * d]), top_prob=e.data[k + 3 * d + 1],
+                            entropy=e.data[k + 3 * d + 2]) for d in range(e.depth)]
+        label_index = trace[-1].label_index
+        admitted = request.admitted_s if request.admitted_s is not None else request.arrival_s
+        finished = request.finished_s if request.finished_s is not None else admitted
+        return Prediction(
+            request_id=request.request_id, label=self.model.label_names[label_index], label_index=label_index,
+            probabilities=e.data[:k], exit_depth=e.depth, exit_reason=REASON_NAMES[e.reason], trace=trace,
+            queue_s=admitted - request.arrival_s, compute_s=finished - admitted, meta=request.meta,
+        )
