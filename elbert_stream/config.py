@@ -89,8 +89,22 @@ class KafkaSettings(BaseModel):
 
 
 class TelemetrySettings(BaseModel):
-    prometheus_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics here")
-    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP endpoint for metrics and traces")
+    """Metrics and traces; see docs/telemetry.md. Nothing here is ever recorded in a span or metric."""
+
+    prometheus_port: int | None = Field(
+        None, ge=0, le=65535, description="serve /metrics here; 0 = pick a free port; None = off"
+    )
+    prometheus_host: str = Field("0.0.0.0", description="bind address of /metrics (127.0.0.1 = local only)")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP base URL for metrics and traces (/v1/metrics, /v1/traces appended)"
+    )
+    otlp_headers: SecretStr | None = Field(
+        None, description="'k1=v1,k2=v2' sent with every OTLP request (e.g. auth); never logged"
+    )
+    otlp_export_interval_s: float = Field(10.0, gt=0, description="OTLP metric push period, seconds")
+    trace_sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="parent-based: the producer's sampled flag wins; ratio for roots"
+    )
     service_name: str = "elbert-stream"
 
 

@@ -1,0 +1,503 @@
+"""OpenTelemetry metrics and traces for one worker replica; docs/telemetry.md lists every metric.
+
+API for the worker and the Serve deployment (nothing global is set, at import or ever)::
+
+    tel = Telemetry(settings.telemetry, replica_id="r0", num_layers=12)
+    tel.start(stats=worker.stats)      # stats() -> StatsSnapshot, read only when metrics are collected
+    out_headers = tel.record_prediction(pred, in_headers, source_timestamp_ms=rec.timestamp)
+    out_headers = tel.record_dead_letter("not_utf8", in_headers)      # or outcome="error"
+    tel.summary().to_dict()            # GET /stats and the demo: the same numbers as the metrics
+    tel.prometheus_port                # the bound port (useful with prometheus_port=0); None if off
+    tel.shutdown()                     # flushes OTLP, frees the port; idempotent
+
+Per message, ``record_*`` cost a few histogram/counter records (about 8 us each per metric reader
+with the OpenTelemetry Python SDK). The gauges (busy slots, queue depth, pending layer work, consumer
+lag) and the layer-steps counter cost nothing per message: they are observed from ``stats()`` when a
+reader collects (a Prometheus scrape, an OTLP push) and when ``summary()`` is called; ``stats`` must
+be cheap and safe to call from another thread. ``summary()`` reads counters that the same
+``record_*`` calls feed, with the same bucket bounds, and computes percentiles from the buckets with
+PromQL's ``histogram_quantile`` rule, so it agrees with what Prometheus/Grafana show.
+
+``record_*`` return the W3C trace-context headers (``traceparent``, ``tracestate``) to put on the
+output record: with tracing on, those of a new ``elbert.message`` span whose parent is the input's
+``traceparent`` (events ``admitted``/``exited`` mark queue and compute); with tracing off, the
+input's own trace context, passed through. Tracing is on when ``otlp_endpoint`` is set or
+``span_exporters`` are given; sampling is parent-based with ``trace_sample_ratio`` for new traces.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import NoOpTracer, SpanKind, Status, StatusCode, Tracer, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
+
+from .config import TelemetrySettings
+from .errors import ConfigError, ElbertError
+from .request import Prediction
+
+logger = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+Outcome = Literal["ok", "dead_letter", "error"]
+TRACE_HEADERS = ("traceparent", "tracestate")
+# 1-1.5-2.5-4-6 per decade from 1 ms to 60 s, then 100 s: bucket edges at most x1.67 apart
+LATENCY_BUCKETS_S: tuple[float, ...] = tuple(
+    round(m * 10.0**e, 6) for e in range(-3, 2) for m in (1.0, 1.5, 2.5, 4.0, 6.0)
+) + (100.0,)
+LATENCY_METRICS = {  # summary key -> (histogram name, what it measures)
+    "end_to_end": (
+        "elbert_end_to_end_latency_seconds",
+        "input record timestamp to output handed to producer",
+    ),
+    "queue": ("elbert_queue_time_seconds", "arrival to admission into an engine slot"),
+    "compute": ("elbert_compute_time_seconds", "admission into an engine slot to exit"),
+}
+MAX_REASONS = 32  # distinct (outcome, reason) pairs kept as label values; later ones read "other"
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """What the worker reports when metrics are collected. ``layer_steps`` is cumulative."""
+
+    busy_slots: int = 0  # occupied engine slots
+    queue_depth: int = 0  # requests waiting for a slot
+    pending_layer_work: float = 0.0  # expected sample-layer applications still to run (queued + in flight)
+    layer_steps: int = 0  # sample-layer applications since start (one per busy slot per engine step)
+    consumer_lag: Mapping[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) -> lag
+
+
+StatsSource = Callable[[], StatsSnapshot]
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    """Count, mean and percentiles in seconds; percentiles from the histogram buckets (PromQL rule)."""
+
+    count: int
+    mean_s: float | None
+    p50_s: float | None
+    p95_s: float | None
+    p99_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySummary:
+    """The replica's numbers as the metrics report them; ``to_dict()`` is JSON-ready."""
+
+    replica_id: str
+    messages: dict[str, int]  # outcome (ok, dead_letter, error) -> count
+    reasons: dict[str, int]  # "outcome/reason" -> count, for dead_letter and error
+    exit_depth_counts: list[int]  # index d-1 = messages that exited at depth d
+    mean_exit_depth: float | None
+    latency: dict[str, LatencySummary]  # end_to_end, queue, compute
+    layer_steps: int
+    busy_slots: int
+    queue_depth: int
+    pending_layer_work: float
+    consumer_lag: dict[str, int]  # "topic[partition]" -> lag
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def histogram_quantile(q: float, bounds: Sequence[float], counts: Sequence[int]) -> float | None:
+    """Prometheus' ``histogram_quantile``: linear interpolation inside the bucket holding rank q*N.
+
+    ``counts`` are per bucket (not cumulative), ``len(bounds) + 1`` of them, the last being +Inf;
+    the first bucket's lower edge is 0. None for an empty histogram; the highest finite bound when
+    the rank falls in the +Inf bucket.
+    """
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank, below = q * total, 0
+    for i, c in enumerate(counts[: len(bounds)]):
+        if c and below + c >= rank:
+            lower = bounds[i - 1] if i > 0 else 0.0
+            return lower + (bounds[i] - lower) * (rank - below) / c
+        below += c
+    return float(bounds[-1])
+
+
+class _Hist:
+    """Bucket counts with OpenTelemetry's explicit-bucket rule: bucket i holds (b[i-1], b[i]]."""
+
+    __slots__ = ("bounds", "counts", "total", "n")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds, self.counts, self.total, self.n = list(bounds), [0] * (len(bounds) + 1), 0.0, 0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.n += 1
+
+    def latency(self) -> LatencySummary:
+        mean = self.total / self.n if self.n else None
+        p50, p95, p99 = (histogram_quantile(q, self.bounds, self.counts) for q in (0.5, 0.95, 0.99))
+        return LatencySummary(self.n, mean, p50, p95, p99)
+
+
+class _HeaderGetter(Getter[Headers]):
+    """Reads W3C trace context from Kafka headers (list of (str, bytes)); the last value wins."""
+
+    def get(self, carrier: Headers, key: str) -> list[str] | None:
+        values = [v.decode("latin-1") for k, v in carrier if k.lower() == key and v is not None]
+        return values[-1:] or None
+
+    def keys(self, carrier: Headers) -> list[str]:
+        return [k for k, _ in carrier]
+
+
+_GETTER = _HeaderGetter()
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def _pass_through(headers: Headers | None) -> Headers:
+    return [(k, v) for k, v in headers or () if k.lower() in TRACE_HEADERS and v is not None]
+
+
+def _parse_otlp_headers(raw: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for i, item in enumerate(filter(None, (p.strip() for p in raw.split(",")))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"telemetry.otlp_headers entry #{i + 1} is not 'key=value' (value not shown)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+class Telemetry:
+    """Metrics, traces and the summary of one replica: build, ``start()``, record, ``shutdown()``."""
+
+    def __init__(
+        self,
+        settings: TelemetrySettings,
+        *,
+        replica_id: str,
+        num_layers: int,
+        span_exporters: Sequence[SpanExporter] = (),
+    ) -> None:
+        """``span_exporters``: extra exporters behind a synchronous processor (tests, in-process use)."""
+        if num_layers < 1:
+            raise ConfigError(f"num_layers must be >= 1, got {num_layers!r}")
+        self.settings, self.replica_id, self.num_layers = settings, replica_id, num_layers
+        self._span_exporters = tuple(span_exporters)
+        self._stats: StatsSource | None = None
+        self._started = False
+        self._meters: MeterProvider | None = None
+        self._tracers: TracerProvider | None = None
+        self._tracer: Tracer = NoOpTracer()
+        self._http: Any = None
+        self._http_thread: Any = None
+        self._lock = threading.Lock()
+        self._depths = _Hist([float(d) for d in range(1, num_layers + 1)])
+        self._latency = {key: _Hist(LATENCY_BUCKETS_S) for key in LATENCY_METRICS}
+        self._messages: dict[tuple[str, str], int] = {}  # (outcome, reason label) -> count
+        self._attrs: dict[tuple[str, str], dict[str, str]] = {("ok", ""): {"outcome": "ok"}}
+
+    # lifecycle -------------------------------------------------------------------------------------
+    def start(self, stats: StatsSource | None = None) -> Telemetry:
+        """Build providers and exporters, open the Prometheus port. Raises ConfigError if it cannot."""
+        if self._started:
+            raise ElbertError(f"Telemetry({self.replica_id!r}) already started")
+        self._stats = stats if stats is not None else self._stats
+        resource = Resource.create(
+            {"service.name": self.settings.service_name, "service.instance.id": self.replica_id}
+        )
+        readers: list[MetricReader] = []
+        span_exporters = list(self._span_exporters)
+        if self.settings.otlp_endpoint:
+            metric_reader, span_exporter = self._otlp()
+            readers.append(metric_reader)
+            span_exporters.append(span_exporter)
+        if self.settings.prometheus_port is not None:
+            readers.append(self._start_prometheus(self.settings.prometheus_port))
+        meter: Meter = NoOpMeter("elbert_stream")
+        if readers:  # no reader: no SDK instruments at all, only the summary counters
+            exemplars = AlwaysOffExemplarFilter()
+            self._meters = MeterProvider(metric_readers=readers, resource=resource, exemplar_filter=exemplars)
+            meter = self._meters.get_meter("elbert_stream")
+        self._create_instruments(meter)
+        if span_exporters:
+            self._tracers = self._create_tracing(resource, span_exporters)
+        self._started = True
+        logger.info(
+            "telemetry %s: prometheus port %s, otlp %s, tracing %s",
+            self.replica_id, self.prometheus_port, bool(self.settings.otlp_endpoint), self.tracing_enabled,
+        )  # fmt: skip
+        return self
+
+    def set_stats(self, stats: StatsSource) -> None:
+        """Set (or replace) the snapshot source read at collection time."""
+        self._stats = stats
+
+    def shutdown(self) -> None:
+        """Flush exporters, close the HTTP server and free its port. Safe to call twice."""
+        self._started = False
+        if self._tracers is not None:
+            self._tracers.shutdown()
+            self._tracers, self._tracer = None, NoOpTracer()
+        if self._meters is not None:
+            self._meters.shutdown()  # also unregisters the Prometheus collector
+            self._meters = None
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http_thread.join(timeout=5)
+            self._http = self._http_thread = None
+
+    def __enter__(self) -> Telemetry:
+        return self if self._started else self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.shutdown()
+
+    @property
+    def prometheus_port(self) -> int | None:
+        """The port /metrics is served on (the picked one when configured as 0); None when off."""
+        return None if self._http is None else int(self._http.server_port)
+
+    @property
+    def tracing_enabled(self) -> bool:
+        return self._tracers is not None
+
+    # recording -------------------------------------------------------------------------------------
+    def record_prediction(
+        self,
+        prediction: Prediction,
+        headers: Headers | None = None,
+        *,
+        source_timestamp_ms: int | None = None,
+        attributes: Mapping[str, AttributeValue] | None = None,
+    ) -> Headers:
+        """Record one finished message; returns the trace headers for its output record.
+
+        End-to-end latency is now minus the input record's Kafka timestamp when given (clamped at 0),
+        else queue + compute time. The span covers [now - queue - compute, now].
+        """
+        self._check_started()
+        now_ns = time.time_ns()
+        queue_s, compute_s = max(prediction.queue_s, 0.0), max(prediction.compute_s, 0.0)
+        e2e_s = queue_s + compute_s
+        if source_timestamp_ms is not None and source_timestamp_ms >= 0:
+            e2e_s = max(now_ns / 1e9 - source_timestamp_ms / 1e3, 0.0)
+        depth = prediction.exit_depth
+        with self._lock:
+            self._depths.add(depth)
+            for key, value in (("end_to_end", e2e_s), ("queue", queue_s), ("compute", compute_s)):
+                self._latency[key].add(value)
+                self._histograms[key].record(value)
+            self._messages[("ok", "")] = self._messages.get(("ok", ""), 0) + 1
+        self._exit_depth.record(depth)
+        self._counter.add(1, self._attrs[("ok", "")])
+        if self._tracers is None:
+            return _pass_through(headers)
+        own: dict[str, AttributeValue] = {
+            "elbert.request_id": prediction.request_id,
+            "elbert.exit_depth": depth,
+            "elbert.exit_reason": prediction.exit_reason,
+            "elbert.label": prediction.label,
+        }
+        admitted_ns = now_ns - int(compute_s * 1e9)
+        events = (("admitted", admitted_ns), ("exited", now_ns))
+        return self._span(headers, admitted_ns - int(queue_s * 1e9), now_ns, own, attributes, events, None)
+
+    def record_dead_letter(
+        self,
+        reason: str,
+        headers: Headers | None = None,
+        *,
+        outcome: Outcome = "dead_letter",
+        attributes: Mapping[str, AttributeValue] | None = None,
+    ) -> Headers:
+        """Record a message that produced no prediction; returns the trace headers for its dead letter.
+
+        ``reason`` must be a short code (``BadMessage.reason``), never message content: it becomes a
+        label value. Beyond ``MAX_REASONS`` distinct (outcome, reason) pairs, new reasons read "other".
+        """
+        self._check_started()
+        if outcome not in ("dead_letter", "error"):
+            raise ElbertError(f"outcome must be 'dead_letter' or 'error', got {outcome!r}")
+        with self._lock:
+            attrs = self._attrs.get((outcome, reason))
+            if attrs is None:
+                label = reason if len(self._attrs) <= MAX_REASONS else "other"
+                attrs = self._attrs[(outcome, reason)] = {"outcome": outcome, "reason": label}
+            key = (outcome, attrs["reason"])
+            self._messages[key] = self._messages.get(key, 0) + 1
+        self._counter.add(1, attrs)
+        if self._tracers is None:
+            return _pass_through(headers)
+        now_ns = time.time_ns()
+        own: dict[str, AttributeValue] = {"elbert.outcome": outcome, "elbert.reason": attrs["reason"]}
+        return self._span(headers, now_ns, now_ns, own, attributes, (), Status(StatusCode.ERROR, reason))
+
+    def summary(self) -> TelemetrySummary:
+        """The numbers the metrics expose (calls ``stats()`` once for the gauges)."""
+        snap = self._snapshot() or StatsSnapshot()
+        with self._lock:
+            messages = {"ok": 0, "dead_letter": 0, "error": 0}
+            reasons: dict[str, int] = {}
+            for (outcome, reason), n in self._messages.items():
+                messages[outcome] += n
+                if outcome != "ok":
+                    reasons[f"{outcome}/{reason}"] = reasons.get(f"{outcome}/{reason}", 0) + n
+            depths = self._depths
+            return TelemetrySummary(
+                replica_id=self.replica_id,
+                messages=messages,
+                reasons=reasons,
+                exit_depth_counts=depths.counts[: self.num_layers],
+                mean_exit_depth=depths.total / depths.n if depths.n else None,
+                latency={key: hist.latency() for key, hist in self._latency.items()},
+                layer_steps=snap.layer_steps,
+                busy_slots=snap.busy_slots,
+                queue_depth=snap.queue_depth,
+                pending_layer_work=snap.pending_layer_work,
+                consumer_lag={f"{t}[{p}]": lag for (t, p), lag in snap.consumer_lag.items()},
+            )
+
+    # internals -------------------------------------------------------------------------------------
+    def _check_started(self) -> None:
+        if not self._started:
+            raise ElbertError(f"Telemetry({self.replica_id!r}) is not started (or already shut down)")
+
+    def _create_instruments(self, meter: Meter) -> None:
+        depths = [float(d) for d in range(1, self.num_layers + 1)]
+        self._exit_depth = meter.create_histogram(
+            "elbert_exit_depth", "{layer}", "shared-layer applications before exit, per message",
+            explicit_bucket_boundaries_advisory=depths,
+        )  # fmt: skip
+        self._histograms = {
+            key: meter.create_histogram(name, "s", doc, explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
+            for key, (name, doc) in LATENCY_METRICS.items()
+        }
+        self._counter = meter.create_counter(
+            "elbert_messages_total", "{message}", "input messages by outcome (ok, dead_letter, error)"
+        )
+        meter.create_observable_counter(
+            "elbert_layer_steps_total", [self._observe("layer_steps")], "{layer}",
+            "sample-layer applications: one per busy slot per engine step",
+        )  # fmt: skip
+        for name, attr, unit, doc in (
+            ("elbert_busy_slots", "busy_slots", "{slot}", "occupied engine slots"),
+            ("elbert_queue_depth", "queue_depth", "{request}", "requests waiting for a slot"),
+            ("elbert_pending_layer_work", "pending_layer_work", "{layer}", "expected layer work left"),
+        ):
+            meter.create_observable_gauge(name, [self._observe(attr)], unit, doc)
+        meter.create_observable_gauge(
+            "elbert_consumer_lag", [self._observe_lag], "{message}", "input records not yet consumed"
+        )
+
+    def _snapshot(self) -> StatsSnapshot | None:
+        if self._stats is None:
+            return None
+        try:
+            return self._stats()
+        except Exception:  # a broken stats() must not break a scrape
+            logger.warning("telemetry %s: stats() failed", self.replica_id, exc_info=True)
+            return None
+
+    def _observe(self, attr: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            snap = self._snapshot()
+            return [] if snap is None else [Observation(getattr(snap, attr))]
+
+        return callback
+
+    def _observe_lag(self, options: CallbackOptions) -> Iterable[Observation]:
+        snap = self._snapshot()
+        lags = {} if snap is None else snap.consumer_lag
+        return [Observation(lag, {"topic": t, "partition": str(p)}) for (t, p), lag in lags.items()]
+
+    def _start_prometheus(self, port: int) -> MetricReader:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry()  # private: no global registry, several instances per process
+        reader = PrometheusMetricReader(
+            scope_info_enabled=False,
+            resource_attribute_filter=lambda key: key == "service.instance.id",
+            registry=registry,
+        )
+        host = self.settings.prometheus_host
+        try:
+            self._http, self._http_thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as e:
+            raise ConfigError(f"cannot serve Prometheus metrics on {host}:{port}: {e}") from e
+        return reader
+
+    def _otlp(self) -> tuple[MetricReader, SpanExporter]:
+        try:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as e:
+            raise ConfigError(
+                f"telemetry.otlp_endpoint={self.settings.otlp_endpoint!r} needs opentelemetry-exporter-otlp-"
+                "proto-http: pip install 'elbert-stream[otlp]'"
+            ) from e
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        base = str(self.settings.otlp_endpoint).rstrip("/")
+        secret = self.settings.otlp_headers
+        headers = _parse_otlp_headers(secret.get_secret_value()) if secret else None
+        interval_ms = self.settings.otlp_export_interval_s * 1e3
+        metrics = OTLPMetricExporter(endpoint=f"{base}/v1/metrics", headers=headers)
+        reader = PeriodicExportingMetricReader(metrics, export_interval_millis=interval_ms)
+        return reader, OTLPSpanExporter(endpoint=f"{base}/v1/traces", headers=headers)
+
+    def _create_tracing(self, resource: Resource, exporters: Sequence[SpanExporter]) -> TracerProvider:
+        sampler = ParentBased(TraceIdRatioBased(self.settings.trace_sample_ratio))
+        provider = TracerProvider(resource=resource, sampler=sampler)
+        for exporter in exporters:
+            extra = exporter in self._span_exporters
+            provider.add_span_processor(
+                SimpleSpanProcessor(exporter) if extra else BatchSpanProcessor(exporter)
+            )
+        self._tracer = provider.get_tracer("elbert_stream")
+        return provider
+
+    def _span(
+        self,
+        headers: Headers | None,
+        start_ns: int,
+        end_ns: int,
+        own: dict[str, AttributeValue],
+        extra: Mapping[str, AttributeValue] | None,
+        events: Sequence[tuple[str, int]],
+        status: Status | None,
+    ) -> Headers:
+        """One CONSUMER span, child of the input's traceparent; returns its trace-context headers."""
+        parent = _PROPAGATOR.extract(headers, getter=_GETTER) if headers else Context()
+        span = self._tracer.start_span("elbert.message", parent, SpanKind.CONSUMER, start_time=start_ns)
+        if span.is_recording():
+            span.set_attributes({"messaging.system": "kafka", **own, **(extra or {})})
+            for name, at_ns in events:
+                span.add_event(name, timestamp=at_ns)
+            if status is not None:
+                span.set_status(status)
+        span.end(end_time=end_ns)
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, set_span_in_context(span))
+        return [(k, v.encode("latin-1")) for k, v in carrier.items()]
