@@ -10,19 +10,12 @@ API for the worker and the Serve deployment (nothing global is set, at import or
     tel.prometheus_port                # the bound port (useful with prometheus_port=0); None if off
     tel.shutdown()                     # flushes OTLP, frees the port; idempotent
 
-Per message, ``record_*`` cost a few histogram/counter records (about 8 us each per metric reader
-with the OpenTelemetry Python SDK). The gauges (busy slots, queue depth, pending layer work, consumer
-lag) and the layer-steps counter cost nothing per message: they are observed from ``stats()`` when a
-reader collects (a Prometheus scrape, an OTLP push) and when ``summary()`` is called; ``stats`` must
-be cheap and safe to call from another thread. ``summary()`` reads counters that the same
-``record_*`` calls feed, with the same bucket bounds, and computes percentiles from the buckets with
-PromQL's ``histogram_quantile`` rule, so it agrees with what Prometheus/Grafana show.
-
-``record_*`` return the W3C trace-context headers (``traceparent``, ``tracestate``) to put on the
-output record: with tracing on, those of a new ``elbert.message`` span whose parent is the input's
-``traceparent`` (events ``admitted``/``exited`` mark queue and compute); with tracing off, the
-input's own trace context, passed through. Tracing is on when ``otlp_endpoint`` is set or
-``span_exporters`` are given; sampling is parent-based with ``trace_sample_ratio`` for new traces.
+Per message only a few counter/histogram records run; gauges and the layer-steps counter are read
+from ``stats()`` (cheap, thread-safe) when a reader collects. ``summary()`` is fed by the same
+``record_*`` calls with the same buckets; its percentiles follow PromQL's ``histogram_quantile``.
+``record_*`` return the W3C ``traceparent``/``tracestate`` headers for the output record: those of a
+new ``elbert.message`` span (child of the input's ``traceparent``) when tracing is on (OTLP endpoint
+or ``span_exporters``; parent-based ratio sampling), else the input's own, passed through.
 """
 
 from __future__ import annotations
