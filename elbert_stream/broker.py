@@ -95,6 +95,12 @@ class EmbeddedBroker:
                 code = None if self._proc is None else self._proc.returncode
                 raise BrokerError(f"Tansu exited with status {code} while starting on {self.bootstrap}")
             try:
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
+            except OSError as e:  # not listening yet: probe with a plain socket (kafka-python logs errors)
+                last = e
+                time.sleep(0.05)
+                continue
+            try:
                 admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000,
                                          client_id="elbert-broker-probe")
                 admin.list_topics()

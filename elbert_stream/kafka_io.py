@@ -33,6 +33,8 @@ from elbert_stream.config import KafkaSettings
 from elbert_stream.errors import ElbertError
 from elbert_stream.offsets import OffsetTracker, TopicPartition
 from elbert_stream.records import (
+    TRACE_HEADERS,
+    Headers,
     InputMessage,
     OutputRecord,
     dead_letter_headers,
@@ -238,18 +240,24 @@ class KafkaSink:
         with self._lock:
             return self._in_flight
 
-    def send_output(self, msg: InputMessage, record: OutputRecord) -> None:
-        """Produce ``record`` (key = input key, trace headers carried); an output the client rejects
-        outright (too large) becomes an ``output_rejected`` dead letter."""
+    def send_output(self, msg: InputMessage, record: OutputRecord, headers: Headers | None = None) -> None:
+        """Produce ``record`` with key = input key and ``headers`` (default: the input's W3C trace
+        context); an output the client rejects outright (too large) becomes an ``output_rejected``
+        dead letter."""
+        headers = trace_headers(msg) if headers is None else headers
         try:
-            self._send(self.settings.output_topic, msg, record.to_bytes(), msg.key, trace_headers(msg), "ok")
+            self._send(self.settings.output_topic, msg, record.to_bytes(), msg.key, headers, "ok")
         except RECORD_REJECTED as e:
             self.send_dead_letter(msg, "output_rejected", f"output record rejected: {e!r}")
 
-    def send_dead_letter(self, msg: InputMessage, reason: str, detail: str) -> None:
-        """Produce the original key and value to the dead-letter topic, with the reason in headers."""
+    def send_dead_letter(self, msg: InputMessage, reason: str, detail: str,
+                         trace: Headers | None = None) -> None:
+        """Produce the original key and value to the dead-letter topic, with the reason in headers
+        (``trace``: trace-context headers to add; default the input's)."""
         log.warning("dead letter %s: %s: %s", msg.where, reason, detail[:200])
         headers = dead_letter_headers(msg, reason, detail, self.replica_id)
+        if trace is not None:
+            headers = [h for h in headers if h[0] not in TRACE_HEADERS] + list(trace)
         self._send(self.settings.dead_letter_topic, msg, msg.value, msg.key, headers, f"dead_letter.{reason}")
 
     def _send(self, topic: str, msg: InputMessage, value: bytes | None, key: bytes | None,

@@ -1,0 +1,153 @@
+"""Small pieces of the worker: synchronous classify jobs, batch tokenizing with per-text errors, and
+the loop's rate/lag bookkeeping. No Kafka client and no torch here."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from elbert_stream.errors import BadMessage
+from elbert_stream.offsets import TopicPartition
+from elbert_stream.request import Prediction
+
+RATE_WINDOW_S = 1.0
+
+
+@dataclass
+class SyncJob:
+    """Texts submitted by ``Worker.classify``; the loop thread fills ``results`` or fails it."""
+
+    texts: list[str]
+    results: list[Prediction | None] = field(default_factory=list)
+    error: BaseException | None = None
+    _left: int = 0
+    _done: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.texts)
+        self._left = len(self.texts)
+
+    def set(self, index: int, pred: Prediction) -> None:
+        with self._lock:
+            if self.results[index] is None:
+                self.results[index] = pred
+                self._left -= 1
+            if self._left == 0:
+                self._done.set()
+
+    def fail(self, error: BaseException, index: int | None) -> None:
+        with self._lock:
+            if self.error is None:
+                if isinstance(error, BadMessage) and index is not None:
+                    error = BadMessage(error.reason, f"text {index}: {error.detail}")
+                self.error = error
+            self._done.set()
+
+    def wait(self, timeout_s: float) -> list[Prediction]:
+        if not self._done.wait(timeout_s):
+            self.fail(TimeoutError(f"classify of {len(self.texts)} texts took over {timeout_s}s"), None)
+        if self.error is not None:
+            raise self.error
+        return [p for p in self.results if p is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRef:
+    """``Request.meta`` of a synchronous (not Kafka-backed) request."""
+
+    job: SyncJob
+    index: int
+
+
+def tokenize_each(tokenize: Callable[[list[str]], list[list[int]]],
+                  texts: list[str]) -> list[list[int] | BadMessage]:
+    """Tokenize as one batch; when the batch fails, text by text, so one bad text fails alone
+    (as a ``tokenizer_error`` BadMessage in its place)."""
+    if not texts:
+        return []
+    try:
+        return list(tokenize(texts))
+    except Exception:  # noqa: BLE001 - find the culprit below
+        pass
+    out: list[list[int] | BadMessage] = []
+    for text in texts:
+        try:
+            out.append(list(tokenize([text])[0]))
+        except Exception as e:  # noqa: BLE001 - tokenizers raise many kinds
+            out.append(BadMessage("tokenizer_error", f"{type(e).__name__}: {e}"[:300]))
+    return out
+
+
+class LoopStats:
+    """Rates, the engine snapshot and lag, written by the loop thread and read by any thread."""
+
+    def __init__(self, num_layers: int) -> None:
+        self._lock = threading.Lock()
+        self.num_layers = num_layers
+        self.engine_at = 0.0
+        self.lag_at = 0.0
+        self._arrived = 0
+        self._finished = 0
+        self._engine: dict[str, Any] = {}
+        self._lag: dict[TopicPartition, int | None] = {}
+        self._total_partitions = 0
+        self._window = (time.monotonic(), 0, 0, 0)  # start, arrived, finished, layer rows
+        self._rates = {"arrival_rate_msgs_per_s": 0.0, "finished_rate_msgs_per_s": 0.0,
+                       "layer_steps_per_s": 0.0}
+
+    def arrived(self, n: int) -> None:
+        with self._lock:
+            self._arrived += n
+
+    def finished(self, preds: list[Prediction]) -> None:
+        with self._lock:
+            self._finished += len(preds)
+
+    def set_engine(self, stats: Any, now: float) -> None:
+        eng = asdict(stats)
+        with self._lock:
+            self.engine_at = now
+            self._engine = eng
+            start, arrived, finished, rows = self._window
+            dt = now - start
+            if dt >= RATE_WINDOW_S:
+                self._rates = {
+                    "arrival_rate_msgs_per_s": (self._arrived - arrived) / dt,
+                    "finished_rate_msgs_per_s": (self._finished - finished) / dt,
+                    "layer_steps_per_s": (eng["num_layer_rows"] - rows) / dt,
+                }
+                self._window = (now, self._arrived, self._finished, eng["num_layer_rows"])
+
+    def set_lag(self, lag: dict[TopicPartition, int | None], total_partitions: int, now: float) -> None:
+        with self._lock:
+            self.lag_at = now
+            self._lag = dict(lag)
+            self._total_partitions = total_partitions
+
+    def lag(self) -> dict[TopicPartition, int | None]:
+        with self._lock:
+            return dict(self._lag)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            eng = dict(self._engine)
+            zeros = [0] * self.num_layers
+            return {
+                **self._rates,
+                "num_arrived": self._arrived,
+                "num_finished": self._finished,
+                "exit_depth_counts": list(eng.get("exit_depth_counts", zeros)),
+                "busy_depth_counts": list(eng.get("busy_depth_counts", zeros)),
+                "num_busy": eng.get("num_busy", 0),
+                "num_waiting": eng.get("num_waiting", 0),
+                "max_slots": eng.get("max_slots", 0),
+                "lag_per_partition": {f"{t}[{p}]": v for (t, p), v in sorted(self._lag.items())},
+                "num_partitions_assigned": len(self._lag),
+                "total_input_partitions": self._total_partitions,
+                "engine": eng,
+            }
+
