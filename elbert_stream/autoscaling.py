@@ -194,8 +194,9 @@ REQUIRED_WORKER_STATS = (
     "arrival_rate_msgs_per_s",  # float, messages/s taken from Kafka (recent window)
     "layer_steps_per_s",  # float, layer steps/s executed (recent window)
 )
-# Optional: max_slots (int), num_busy (int), lag_per_partition ({partition: lag|None} | None),
-# num_partitions_assigned (int), total_input_partitions (int).
+# Optional: max_slots (int), num_busy (int), backlog (int, polled but not yet in the engine: counted
+# as waiting), paused (bool, consumer paused by backpressure: saturated), lag_per_partition
+# ({partition: lag|None} | None), num_partitions_assigned (int), total_input_partitions (int).
 
 
 def _total_lag(lag_per_partition: Mapping[Any, Any] | None) -> float | None:
@@ -207,12 +208,16 @@ def _total_lag(lag_per_partition: Mapping[Any, Any] | None) -> float | None:
 
 
 def is_saturated(worker_stats: Mapping[str, Any]) -> bool:
-    """The engine could not have gone faster: requests waiting, or every slot busy."""
-    if float(worker_stats.get("num_waiting", 0)) > 0:
+    """The engine could not have gone faster: requests waiting, consumer paused, or every slot busy."""
+    if _num_waiting(worker_stats) > 0 or worker_stats.get("paused"):
         return True
-    max_slots = worker_stats.get("max_slots")
+    max_slots = float(worker_stats.get("max_slots") or 0)
     num_busy = worker_stats.get("num_busy", sum(worker_stats.get("busy_depth_counts", ())))
-    return bool(max_slots) and float(num_busy) >= float(max_slots)
+    return max_slots > 0 and float(num_busy) >= max_slots
+
+
+def _num_waiting(worker_stats: Mapping[str, Any]) -> float:
+    return float(worker_stats.get("num_waiting", 0)) + float(worker_stats.get("backlog") or 0)
 
 
 def build_replica_report(
@@ -233,7 +238,7 @@ def build_replica_report(
     pending = pending_layer_work(
         worker_stats["busy_depth_counts"],
         exits,
-        worker_stats["num_waiting"],
+        _num_waiting(worker_stats),
         _total_lag(worker_stats.get("lag_per_partition")),
         prior_count,
     )

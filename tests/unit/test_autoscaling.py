@@ -104,6 +104,16 @@ def test_report_keys_types_and_values() -> None:
     assert report[asc.CAPACITY] == 900.0 and report[asc.PARTITIONS_TOTAL] == 8.0
 
 
+def test_backlog_counts_as_waiting_and_pause_as_saturation() -> None:
+    exits = [0] * L
+    stats = _worker_stats(1, exits)
+    base = asc.build_replica_report(stats, 0.0)[asc.PENDING_LAYER_WORK]
+    with_backlog = asc.build_replica_report({**stats, "backlog": 7}, 0.0)[asc.PENDING_LAYER_WORK]
+    assert with_backlog - base == pytest.approx(7 * L)
+    assert not asc.is_saturated(stats)
+    assert asc.is_saturated({**stats, "backlog": 1}) and asc.is_saturated({**stats, "paused": True})
+
+
 def test_report_names_missing_worker_stats() -> None:
     with pytest.raises(ConfigError, match="layer_steps_per_s"):
         asc.build_replica_report({"busy_depth_counts": [0], "exit_depth_counts": [1], "num_waiting": 0,
@@ -270,3 +280,13 @@ def test_bad_policy_kwargs_are_rejected_with_the_value() -> None:
         asc.ExitDepthPolicy(target_utilization=1.5)
     with pytest.raises(ConfigError, match="drain_time"):
         asc.ExitDepthPolicy(drain_time=3)
+
+
+def test_the_worker_snapshot_carries_what_the_report_needs() -> None:
+    """Contract with the worker: its stats snapshot has every key build_replica_report reads."""
+    from elbert_stream.worker_support import LoopStats
+
+    snapshot = LoopStats(num_layers=L).snapshot()
+    assert set(asc.REQUIRED_WORKER_STATS) <= set(snapshot)
+    report = asc.ReplicaReporter.create().report(snapshot)
+    assert report[asc.PENDING_LAYER_WORK] == 0.0 and report[asc.MEAN_EXIT_DEPTH] == L
