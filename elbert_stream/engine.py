@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -60,6 +60,7 @@ class EngineStats:
     num_rejected: int = 0  # add() returned False (queue full)
     num_busy: int = 0
     num_waiting: int = 0
+    num_busy_tokens: int = 0  # token lengths of the busy slots now (the token budget's measure)
     num_tokens: int = 0  # sum over steps of the busy rows' real token counts
     num_padded_tokens: int = 0  # sum over steps of rows x step length (what the layer computed)
     step_time_s: float = 0.0  # wall time inside step(), including the host reads
@@ -190,16 +191,12 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """A snapshot (copy) of the counters and the slot table's depth histogram."""
-        s = self._stats
         live = self._busy & ~self._done
         counts = np.bincount(self._depth[live], minlength=self.model.num_layers)[: self.model.num_layers]
-        return EngineStats(
-            mode=s.mode, max_slots=s.max_slots, num_steps=s.num_steps, num_layer_rows=s.num_layer_rows,
-            num_admitted=s.num_admitted, num_finished=s.num_finished, num_rejected=s.num_rejected,
-            num_busy=self._sched.num_busy, num_waiting=self._sched.num_waiting, num_tokens=s.num_tokens,
-            num_padded_tokens=s.num_padded_tokens, step_time_s=s.step_time_s,
-            exit_depth_counts=list(s.exit_depth_counts), busy_depth_counts=[int(c) for c in counts],
-            policy=self.policy.describe(),
+        return replace(
+            self._stats, num_busy=self._sched.num_busy, num_waiting=self._sched.num_waiting,
+            num_busy_tokens=self._sched.busy_tokens, exit_depth_counts=list(self._stats.exit_depth_counts),
+            busy_depth_counts=[int(c) for c in counts], policy=self.policy.describe(),
         )
 
     def step(self) -> list[Prediction]:
