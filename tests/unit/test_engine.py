@@ -84,7 +84,9 @@ def engine(policy: str = "window", mode: str = "continuous", **limits: int) -> E
     return Engine(model(), POLICIES[policy], cfg, max_length=MAX_POS, mode=mode)  # type: ignore[arg-type]
 
 
-def run_checked(eng: Engine, texts: list[list[int]], adds_per_step: list[int], policy: str) -> list[Prediction]:
+def run_checked(
+    eng: Engine, texts: list[list[int]], adds_per_step: list[int], policy: str
+) -> list[Prediction]:
     """Feed texts ``adds_per_step[i]`` at a time between steps; check invariants after every step."""
     reqs = [Request(t, request_id=str(i), meta={"i": i}) for i, t in enumerate(texts)]
     out: list[Prediction] = []
