@@ -1,0 +1,130 @@
+"""The engine benchmark's code on a tiny random model: seconds, so the benchmark cannot rot.
+
+Timings are never asserted (they are what the benchmark measures); structure, exit-depth
+bookkeeping, the replay rule and the virtual-time latency arithmetic are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from elbert_stream import bench_harness as H
+from elbert_stream import engine_bench as E
+from elbert_stream.cli import build_parser
+from elbert_stream.errors import ConfigError
+from elbert_stream.exit_policy import EXIT_MAX_DEPTH, ExitState
+from elbert_stream.request import Prediction, Request
+
+HIST = [1, 3, 2, 0, 0, 1]  # tiny model: L = 6
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP barriers that dominate on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_replay_sequence_matches_histogram_exactly() -> None:
+    seq = H.replay_sequence([10, 0, 30, 60], 1000, seed=3)
+    assert seq.shape == (1000,)
+    assert torch.bincount(seq, minlength=5)[1:].tolist() == [100, 0, 300, 600]
+    assert torch.bincount(seq[:100], minlength=5)[1:].tolist() == [10, 0, 30, 60]  # every block exact
+    assert not torch.equal(seq, torch.sort(seq).values)  # shuffled, not sorted
+    big = H.replay_sequence([1, 2] * 400, 600, block=512)  # blocks of 512 from a total of 1200
+    assert torch.bincount(big[:512], minlength=801)[1:].sum() == 512
+
+
+def test_replay_policy_exits_fresh_rows_at_their_drawn_depth() -> None:
+    policy = H.ReplayPolicy([0, 1], num_layers=4)  # every request exits at depth 2
+    probs = torch.full((3, 5), 0.2)
+    state = ExitState.empty(3)
+    first = policy.decide(probs, torch.tensor([1, 1, 1]), state)
+    assert not first.exit.any()
+    second = policy.decide(probs, torch.tensor([2, 2, 2]), first.state)
+    assert second.exit.all()
+    late = H.ReplayPolicy([0, 0, 0, 0, 0, 0, 1], num_layers=4)  # depth 7 is clipped to L = 4
+    dec = late.decide(probs, torch.tensor([4, 4, 4]), ExitState.empty(3))
+    assert dec.exit.all() and (dec.reason == EXIT_MAX_DEPTH).all()
+    assert late.mean_depth == 4.0
+
+
+def test_depth_histogram_file(tmp_path: Path) -> None:
+    (tmp_path / "h.json").write_text(json.dumps({"exit_depth_histogram": [2, 5]}))
+    assert H.load_depth_histogram(tmp_path / "h.json") == [2, 5]
+    (tmp_path / "bad.json").write_text(json.dumps({"exit_depth_histogram": [-1]}))
+    with pytest.raises(ConfigError, match="non-negative"):
+        H.load_depth_histogram(tmp_path / "bad.json")
+
+
+class OneAtATime:
+    """A fake engine serving one request per step; each step takes 1 s on a fake clock."""
+
+    def __init__(self) -> None:
+        self.queue: list[Request] = []
+        self.now = 0.0
+
+    def add(self, request: Request) -> bool:
+        self.queue.append(request)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.queue)
+
+    def step(self) -> list[Prediction]:
+        self.now += 1.0
+        r = self.queue.pop(0)
+        return [Prediction(r.request_id, "x", 0, [1.0], 1, "max_depth", [], 0.0, 0.0)]
+
+
+def test_simulate_stream_latency_is_queueing_plus_steps() -> None:
+    engine = OneAtATime()
+    # all 99 requests arrive within nanoseconds: the i-th waits for i steps and takes one
+    out = H.simulate_stream(engine, [[1]] * 99, rate_per_s=1e9, clock=lambda: engine.now)
+    assert out["p50_ms"] == pytest.approx(50_000, abs=1)
+    assert out["p99_ms"] == pytest.approx(98_020, abs=1)
+    assert out["utilisation"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_engine_bench_tiny_end_to_end(tmp_path: Path, one_thread: None) -> None:
+    (tmp_path / "hist.json").write_text(json.dumps(HIST))
+    opts = E.BenchOptions(size="tiny", replay=True, replay_from=str(tmp_path / "hist.json"), batches=[4],
+                          max_length=24, min_samples=48, rounds=2, samples_per_slot=2, stream_requests=24,
+                          out_dir=tmp_path, command="test")
+    unique = H.synthetic_token_ids(24, 120, (6, 20))
+    doc = E.run_engine_bench(opts, unique=unique)
+    saved = json.loads((tmp_path / "engine.json").read_text())
+    assert saved["command"] == "test" and "Engine benchmark" in (tmp_path / "engine.md").read_text()
+    v = saved["variants"]
+    assert set(v) == set("abcdef")
+    assert v["a"]["mean_exit_depth"] == v["b"]["mean_exit_depth"] == 6
+    assert v["f"]["num_samples"] == 48 and v["a"]["num_samples"] == 24
+    mean = sum((d + 1) * c for d, c in enumerate(HIST)) / sum(HIST)
+    for name in "cdf":  # replayed depths: 48 = whole blocks of 7 plus 6, so nearly the exact mean
+        assert v[name]["mean_exit_depth"] == pytest.approx(mean, abs=0.15)
+    assert v["c"]["layer_steps_per_s"] * v["c"]["elapsed_s"] >= 48 * v["c"]["mean_exit_depth"]  # naive wastes
+    for load in ("50%", "80%"):
+        for name in "cdf":
+            s = saved["streaming"][load][name]
+            assert 0 < s["p50_ms"] <= s["p99_ms"]
+    assert {t["name"] for t in doc["targets"]} >= {"(f) >= 0.9 x ideal", "(f) >= 3 x (e)"}
+
+
+def test_random_model_without_replay_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--replay"):
+        E.build_setup(E.BenchOptions(size="tiny"), unique=[[5, 6, 7]])
+
+
+def test_bench_cli_parses_every_part() -> None:
+    parser = build_parser("bench")
+    args = parser.parse_args(["bench", "engine", "--quick", "--batch", "8,16", "--replay", "--size", "base"])
+    args.command_line = "elbert-stream bench engine"
+    opts = E.options_from_args(args)
+    assert opts.batches == [8, 16] and opts.rounds == 1 and opts.size == "base"
+    assert parser.parse_args(["bench", "all", "--quick"]).quick
