@@ -1,0 +1,397 @@
+"""Ray Serve deployment: each replica owns ONE :class:`~elbert_stream.worker.Worker`.
+
+This is the only module that imports Ray. A replica:
+
+* builds ``Settings()`` from the environment (the edge), then applies the bind-time overrides
+  (``ElbertWorker.bind(overrides)``) and the deployment's ``user_config`` on top (deep merge, same
+  keys as ``Settings``: ``{"exit": {"tau": 0.2}, "kafka": {...}}``);
+* starts its worker on a background thread (kafka-python's consumer is not thread-safe, so the
+  worker's thread owns it) once the first ``reconfigure`` has run, so the first ``user_config``
+  is in force before the consumer joins the group;
+* runs on whatever ``ray_actor_options`` gave it: ``model.device="auto"`` picks CUDA when Ray
+  assigned a GPU, and torch uses as many threads as Ray assigned CPUs.
+
+``reconfigure(user_config)``: the ``exit`` and ``autoscaling`` sections apply live (between engine
+steps, no restart). A change to ``model``, ``engine``, ``kafka`` or ``telemetry`` restarts the
+worker inside the replica: the old one drains (finish in-flight, flush, commit), then a new engine
+and worker start. ``check_health`` raises once the worker has died, so Serve replaces the replica.
+``__del__`` (Serve's graceful stop) drains within ``graceful_shutdown_timeout_s``.
+
+Kafka static membership: every replica consumes with ``group_instance_id =
+"{prefix}-{replica_tag}"`` (prefix = ``kafka.group_instance_id`` or ``kafka.group_id``). Static
+members never send LeaveGroup (a LeaveGroup during a rebalance wedges a Tansu group), so a
+stopped or killed replica's partitions move after ``kafka.session_timeout_ms``. The id is the
+replica's unique tag, not its rank: Serve reuses and re-packs ranks while old replicas may still
+be draining, and two live members with one instance id fence each other.
+
+HTTP (``route_prefix``, default ``/``): ``POST /classify`` ``{"texts": [...]}`` ->
+``{"predictions": [...]}`` through the same engine; ``GET /stats``; ``GET /healthz``.
+"""
+
+
+import copy
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, Field, ValidationError
+from ray import serve
+
+from elbert_stream.config import Settings
+from elbert_stream.errors import BadMessage, ConfigError, ElbertError
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "ElbertWorker"
+LIVE_SECTIONS = frozenset({"exit", "autoscaling"})  # applied without restarting the worker
+RESTART_SECTIONS = frozenset({"model", "engine", "kafka", "telemetry"})  # worker restarted in place
+DEFAULT_GRACEFUL_SHUTDOWN_S = 30.0
+DRAIN_MARGIN_S = 2.0  # leave Serve this much of graceful_shutdown_timeout_s after our drain
+MAX_CLASSIFY_TEXTS = 256
+
+
+# ---- pure helpers (unit-tested without Ray Serve running) -------------------------------------
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``; nested mappings merge, anything else replaces."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def check_keys(model: type[BaseModel], override: Mapping[str, Any], where: str = "") -> None:
+    """Reject keys that are not fields of ``model`` (nested sections checked too): a typo in a
+    user_config must fail loudly, not be ignored."""
+    for key, value in override.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            raise ConfigError(f"unknown setting '{where}{key}'; known: {sorted(model.model_fields)}")
+        sub = field.annotation
+        if isinstance(value, Mapping) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            check_keys(sub, value, f"{where}{key}.")
+
+
+def merge_settings(base: Settings, *overrides: Mapping[str, Any] | None) -> Settings:
+    """``base`` with each override applied in turn; unknown keys or bad values raise ConfigError."""
+    doc: dict[str, Any] = base.model_dump()
+    for override in overrides:
+        if override is None:
+            continue
+        if not isinstance(override, Mapping):
+            raise ConfigError(f"settings override must be a mapping, got {override!r}")
+        check_keys(Settings, override)
+        doc = deep_merge(doc, override)
+    try:
+        return Settings.model_validate(doc)
+    except ValidationError as e:
+        raise ConfigError(f"invalid settings override: {e}") from e
+
+
+def changed_sections(old: Settings, new: Settings) -> set[str]:
+    """Top-level sections whose values differ."""
+    a, b = old.model_dump(), new.model_dump()
+    return {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
+def group_instance_id(settings: Settings, replica_tag: str) -> str:
+    """The static-membership id of one replica (see module docstring for why not the rank)."""
+    prefix = settings.kafka.group_instance_id or settings.kafka.group_id
+    return f"{prefix}-{replica_tag}"
+
+
+def parse_overrides(value: Any) -> dict[str, Any]:
+    """Builder / CLI argument: a mapping, a JSON object string, or None."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"settings override is not JSON: {value[:80]!r} ({e.msg})") from e
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"settings override must be a JSON object, got {value!r}")
+    return dict(value)
+
+
+# ---- replica-side helpers (defined before the class: Serve pickles it when decorated) -----
+def _graceful_shutdown_s(ctx: Any) -> float:
+    """``graceful_shutdown_timeout_s`` of this deployment (a private field; default if absent)."""
+    config = getattr(ctx, "_deployment_config", None)
+    value = getattr(config, "graceful_shutdown_timeout_s", None)
+    return float(value) if value else DEFAULT_GRACEFUL_SHUTDOWN_S
+
+
+def _set_torch_threads() -> None:
+    """torch threads = CPUs Ray assigned to this replica (at least 1; a fractional share gets 1)."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    if cpus > 0:
+        torch.set_num_threads(max(1, int(cpus)))
+
+
+def _make_telemetry(settings: Settings, replica_tag: str, engine: Any, local_rank: int) -> Any:
+    """Telemetry for one replica; a fixed Prometheus port is offset by the replica's local rank so
+    replicas on one node do not collide."""
+    from elbert_stream.telemetry import Telemetry
+
+    tel = settings.telemetry
+    if tel.prometheus_port:
+        tel = tel.model_copy(update={"prometheus_port": tel.prometheus_port + local_rank})
+    return Telemetry(tel, replica_id=replica_tag, num_layers=engine.model.num_layers)
+
+
+# ---- HTTP bodies -----------------------------------------------------------------------------
+class ClassifyBody(BaseModel):
+    texts: list[str] = Field(min_length=1, max_length=MAX_CLASSIFY_TEXTS)
+    timeout_s: float = Field(30.0, gt=0, le=300, description="give up after this many seconds")
+
+
+api = FastAPI(title="elbert-stream", description="ELBERT streaming worker replica")
+
+
+@serve.deployment(
+    name=DEPLOYMENT_NAME,
+    max_ongoing_requests=16,
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=DEFAULT_GRACEFUL_SHUTDOWN_S,
+    graceful_shutdown_wait_loop_s=1,
+)
+@serve.ingress(api)
+class ElbertWorker:
+    """One replica = one engine + one Kafka worker (see the module docstring for the contract)."""
+
+    def __init__(self, overrides: Mapping[str, Any] | str | None = None) -> None:
+        ctx = serve.get_replica_context()
+        self.replica_tag: str = ctx.replica_tag
+        self._local_rank = int(getattr(ctx.rank, "local_rank", 0) or 0) if ctx.rank is not None else 0
+        self._grace_s = _graceful_shutdown_s(ctx)
+        self._base = merge_settings(Settings(), parse_overrides(overrides))  # env, then bind args
+        self._settings = self._base
+        self._lock = threading.RLock()
+        self._worker: Any = None
+        self._telemetry: Any = None
+        self._configured = False
+        self._closed = False
+        _set_torch_threads()
+        log.info("replica %s created (grace %.0fs)", self.replica_tag, self._grace_s)
+
+    # ---- Serve hooks -------------------------------------------------------------------------
+    def reconfigure(self, user_config: Mapping[str, Any] | None, rank: Any = None) -> None:
+        """Apply ``user_config`` (Settings-shaped, deep-merged on env + bind overrides).
+
+        Taking ``rank`` makes Serve call this even without a user_config, so the worker always
+        starts here, after the first config is known.
+        """
+        del rank  # ranks move (see module docstring); the replica tag names us instead
+        new = merge_settings(self._base, user_config or {})
+        with self._lock:
+            if self._closed:
+                return
+            if self._worker is None:
+                self._settings = new
+                self._start()
+            else:
+                self._apply(new)
+            self._configured = True
+
+    def check_health(self) -> None:
+        """Raise when the worker died (Serve then replaces the replica)."""
+        with self._lock:
+            if not self._configured and not self._closed:  # reconfigure never came: start anyway
+                self.reconfigure(None)
+            worker = self._worker
+        if worker is None:
+            return
+        error = getattr(worker, "error", None)
+        if error is not None:
+            raise ElbertError(f"worker {self.group_instance_id} failed: {error!r}")
+        if not worker.alive():
+            raise ElbertError(f"worker {self.group_instance_id} thread is not running")
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The exit-depth load report for ``autoscaling.ExitDepthPolicy`` (flat floats)."""
+        worker = self._worker
+        if worker is None:
+            return {}
+        from elbert_stream import autoscaling
+
+        return autoscaling.build_replica_report(worker.stats(), self._settings.autoscaling)
+
+    def __del__(self) -> None:
+        """Serve's graceful stop: drain the worker within ``graceful_shutdown_timeout_s``."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:  # __init__ failed before the worker existed
+            return
+        with lock:
+            self._closed = True
+            self._stop_worker(max(1.0, self._grace_s - DRAIN_MARGIN_S))
+
+    # ---- HTTP --------------------------------------------------------------------------------
+    @api.post("/classify")
+    def classify(self, body: ClassifyBody) -> dict[str, Any]:
+        """Classify ``texts`` through the replica's engine (same batching as the stream)."""
+        worker = self._running_worker()
+        limit = self._settings.kafka.max_text_chars
+        for i, text in enumerate(body.texts):
+            if not text.strip():
+                raise HTTPException(400, f"texts[{i}] is empty")
+            if len(text) > limit:
+                raise HTTPException(400, f"texts[{i}] has {len(text)} chars > max_text_chars={limit}")
+        try:
+            predictions = worker.classify(body.texts, timeout_s=body.timeout_s)
+        except BadMessage as e:
+            raise HTTPException(400, str(e)) from e
+        except TimeoutError as e:
+            raise HTTPException(504, f"classification timed out after {body.timeout_s}s") from e
+        return {"replica_id": self.replica_tag, "predictions": [p.to_dict() for p in predictions]}
+
+    @api.get("/stats")
+    def stats(self) -> dict[str, Any]:
+        """Worker stats, the exit settings in force, and the telemetry summary when available."""
+        worker = self._worker
+        summary = getattr(self._telemetry, "summary", None)
+        tel = summary() if callable(summary) else None
+        return {
+            "replica_id": self.replica_tag,
+            "group_instance_id": self.group_instance_id,
+            "exit": self._settings.exit.model_dump(),
+            "worker": worker.stats() if worker is not None else None,
+            "telemetry": tel.to_dict() if hasattr(tel, "to_dict") else tel,
+        }
+
+    @api.get("/healthz")
+    def healthz(self) -> dict[str, Any]:
+        try:
+            self.check_health()
+        except ElbertError as e:
+            raise HTTPException(503, str(e)) from e
+        return {"ok": True, "replica_id": self.replica_tag}
+
+    # ---- internals ---------------------------------------------------------------------------
+    @property
+    def group_instance_id(self) -> str:
+        return group_instance_id(self._settings, self.replica_tag)
+
+    def _running_worker(self) -> Any:
+        worker = self._worker
+        if worker is None or not worker.alive():
+            raise HTTPException(503, f"replica {self.replica_tag} has no running worker")
+        return worker
+
+    def _start(self) -> None:
+        """Build engine, telemetry and worker from ``self._settings`` and start the worker."""
+        from elbert_stream.engine import Engine
+        from elbert_stream.worker import Worker
+
+        settings = self._settings.model_copy(deep=True)
+        settings.kafka.group_instance_id = self.group_instance_id
+        engine = Engine.from_settings(settings)  # loads the checkpoint's tokenizer too
+        self._telemetry = _make_telemetry(settings, self.replica_tag, engine, self._local_rank)
+        worker = Worker(settings, engine, None, replica_id=self.replica_tag, telemetry=self._telemetry)
+        worker.start()
+        self._worker = worker
+        log.info("replica %s: worker started as %s on %s", self.replica_tag, settings.kafka.group_instance_id,
+                 settings.kafka.input_topics)
+
+    def _apply(self, new: Settings) -> None:
+        """Live-apply ``exit``/``autoscaling``; restart the worker for any other change."""
+        changed = changed_sections(self._settings, new)
+        if not changed:
+            return
+        if changed & RESTART_SECTIONS:
+            log.info("replica %s: %s changed: restarting the worker", self.replica_tag, sorted(changed))
+            self._stop_worker(max(1.0, self._grace_s - DRAIN_MARGIN_S))
+            self._settings = new
+            self._start()
+            return
+        if "exit" in changed:
+            self._worker.set_exit_policy(new.exit)
+            log.info("replica %s: exit policy now %s", self.replica_tag, new.exit.model_dump())
+        self._settings = new
+
+    def _stop_worker(self, timeout_s: float) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            try:
+                worker.stop(timeout_s)
+            except Exception:  # noqa: BLE001 - a failed drain must not block the replacement
+                log.exception("replica %s: worker did not stop cleanly", self.replica_tag)
+        telemetry, self._telemetry = self._telemetry, None
+        shutdown = getattr(telemetry, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+
+
+def build_app(args: Mapping[str, Any] | None = None) -> Any:
+    """Application builder: ``serve run elbert_stream.deployment:build_app settings='{...}'``."""
+    overrides = parse_overrides((args or {}).get("settings"))
+    return ElbertWorker.bind(overrides)
+
+
+app = ElbertWorker.bind()
+
+
+# ---- a local Ray + Serve for the demo, the benchmark and the tests ------------------------------
+def start_local_ray(num_cpus: int, *, http_port: int, log_to_driver: bool = False) -> None:
+    """Start a private single-node Ray on loopback (no dashboard) and Serve's proxy on
+    ``127.0.0.1:http_port``. Stop it with :func:`shutdown_local_ray`."""
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=log_to_driver, namespace="elbert-stream")
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+
+
+def run_local_app(overrides: Mapping[str, Any] | None = None, *, name: str = "elbert", num_replicas: int = 1,
+                  num_cpus: float = 1.0, user_config: Mapping[str, Any] | None = None,
+                  route_prefix: str = "/", wait: bool = True, **options: Any) -> Any:
+    """Deploy (or update in place) the app on the running local Serve; returns its handle.
+
+    Calling it again with the same ``name`` is a config update: a changed ``num_replicas`` scales,
+    a changed ``user_config`` reaches ``reconfigure`` without restarting replicas. ``wait=False``
+    returns without waiting for the app to be RUNNING.
+    """
+    deployment = ElbertWorker.options(num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus},
+                                      user_config=dict(user_config or {}), **options)
+    target = deployment.bind(dict(overrides or {}))
+    if wait:
+        return serve.run(target, name=name, route_prefix=route_prefix)
+    from ray.serve.api import _run  # the non-blocking form serve.run wraps
+
+    return _run(target, _blocking=False, name=name, route_prefix=route_prefix)
+
+
+def replica_actor_names(app_name: str) -> list[str]:
+    """Ray actor names of the app's live ElbertWorker replicas (namespace ``serve``)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app_name}#{DEPLOYMENT_NAME}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(prefix))
+
+
+def kill_replica(actor_name: str) -> None:
+    """Kill one replica's actor at once (no graceful drain): what a crash looks like to Kafka."""
+    import ray
+
+    ray.kill(ray.get_actor(actor_name, namespace="serve"), no_restart=True)
+
+
+def shutdown_local_ray() -> None:
+    """Stop Serve and Ray started by :func:`start_local_ray` (idempotent)."""
+    import ray
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

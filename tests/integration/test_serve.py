@@ -1,0 +1,181 @@
+"""Ray Serve + Tansu, for real: every input offset comes back exactly once as an output record or a
+dead letter (read back from the topics), through replica sharing, a killed replica, scaling, bad
+input, live reconfiguration, a dying worker, and the HTTP API.
+
+The session's broker (conftest) and one local Ray (2 CPUs) per module; each test has its own
+topics, group and app.
+Duplicates (at-least-once redelivery after a failure) are printed, never silently accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from serve_support import LABELS, TINY_LAYERS, Stream, report, texts
+
+from elbert_stream import deployment
+from elbert_stream.broker import free_port
+from elbert_stream.demo import DEMO_MAX_MESSAGE_BYTES, bad_inputs
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def http_port() -> Iterator[int]:
+    port = free_port()
+    deployment.start_local_ray(2, http_port=port)
+    yield port
+    deployment.shutdown_local_ray()
+
+
+@pytest.fixture
+def stream(kafka_bootstrap: str, tiny_model_dir: Path, http_port: int) -> Iterator[Stream]:
+    s = Stream(kafka_bootstrap, tiny_model_dir, http_port=http_port)
+    yield s
+    s.delete()
+
+
+def wait_assigned(s: Stream, num_replicas: int, partitions: int = 4, timeout_s: float = 45.0) -> set[str]:
+    """Poll GET /stats until ``num_replicas`` replicas together own all partitions."""
+    seen: dict[str, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code, body = s.http("GET", "/stats")
+        if code == 200 and body["worker"]:
+            seen[body["replica_id"]] = body["worker"]["num_partitions_assigned"]
+            live = set(deployment.replica_actor_names(s.name))
+            owners = {r for r, n in seen.items() if n > 0 and any(a.endswith(r) for a in live)}
+            if len(owners) == num_replicas and sum(seen[r] for r in owners) == partitions:
+                return owners
+        time.sleep(0.3)
+    raise AssertionError(f"{num_replicas} replicas never owned {partitions} partitions: {seen}")
+
+
+def replica_ids(acc) -> set[str]:  # type: ignore[no-untyped-def]
+    return {o.replica_id for recs in acc.outputs.values() for o in recs}
+
+
+def test_two_replicas_share_four_partitions(stream: Stream) -> None:
+    stream.deploy(2)
+    owners = wait_assigned(stream, 2)
+    stream.produce(texts(300, "share"), rate_per_s=200)
+    acc = stream.wait_all(60)
+    report("2 replicas / 4 partitions", acc)
+    assert not acc.lost, f"lost {len(acc.lost)}: {acc.lost[:5]}"
+    assert acc.num_duplicates == 0 and acc.strays == 0 and not acc.dead_letters
+    assert replica_ids(acc) == owners
+
+
+def test_replica_killed_mid_stream_loses_nothing(stream: Stream) -> None:
+    stream.deploy(2)
+    wait_assigned(stream, 2)
+    producer = stream.produce_in_background(texts(600, "kill"), rate_per_s=100)
+    with stream.reader() as r:
+        r.poll_until(lambda rd: rd.count(stream.output) >= 150, 30)
+    victim = deployment.replica_actor_names(stream.name)[0]
+    deployment.kill_replica(victim)
+    producer.join(30)
+    acc = stream.wait_all(120)
+    report(f"killed {victim.rsplit('#', 1)[-1]} mid-stream", acc)
+    assert len(stream.sent) == 600
+    assert not acc.lost, f"lost {len(acc.lost)} after ray.kill: {acc.lost[:5]}"
+    assert not acc.dead_letters and acc.strays == 0
+    assert len(replica_ids(acc)) >= 3, "the replacement replica should have taken over partitions"
+
+
+def test_scale_two_one_two_loses_nothing(stream: Stream) -> None:
+    stream.deploy(2)
+    wait_assigned(stream, 2)
+    producer = stream.produce_in_background(texts(1200, "scale"), rate_per_s=60)
+    time.sleep(4)
+    stream.deploy(1)  # graceful: the stopped replica drains and commits
+    assert len(deployment.replica_actor_names(stream.name)) == 1
+    time.sleep(6)
+    stream.deploy(2)
+    assert len(deployment.replica_actor_names(stream.name)) == 2
+    producer.join(60)
+    acc = stream.wait_all(90)
+    report("scale 2 -> 1 -> 2", acc)
+    assert len(stream.sent) == 1200
+    assert not acc.lost, f"lost {len(acc.lost)} while scaling: {acc.lost[:5]}"
+    assert not acc.dead_letters and acc.strays == 0
+    assert len(replica_ids(acc)) >= 3
+
+
+def test_bad_input_mix_is_dead_lettered_and_the_stream_goes_on(stream: Stream) -> None:
+    stream.deploy(1, input_format="json", max_message_bytes=DEMO_MAX_MESSAGE_BYTES)
+    good = [json.dumps({"text": t.decode(), "id": i}).encode() for i, t in enumerate(texts(40, "good"))]
+    bad = bad_inputs()
+    huge = b"y" * 1_500_000  # bigger than the producer's default max request: must still be dead-lettered
+    values = good[:20] + [b.value for b in bad] + [huge] + good[20:]
+    sent = stream.produce(values)
+    acc = stream.wait_all(60)
+    report("bad input mix", acc)
+    assert not acc.lost and acc.num_duplicates == 0 and acc.strays == 0
+    expected = {sent[20 + i].position: b.reason for i, b in enumerate(bad)}
+    expected[sent[20 + len(bad)].position] = "too_large"
+    got = {pos: recs[0].headers["elbert.reason"] for pos, recs in acc.dead_letters.items()}
+    assert got == expected
+    assert len(acc.outputs) == len(good)
+    assert {o.id for recs in acc.outputs.values() for o in recs} == set(range(len(good)))
+
+
+def test_reconfigure_changes_exit_depths_live_and_http(stream: Stream) -> None:
+    stream.deploy(1, user_config={"exit": {"policy": "none"}})
+    wait_assigned(stream, 1)
+    first = stream.produce(texts(40, "before"))
+    acc = stream.wait_all(60, sent=first)
+    assert not acc.lost
+    assert {o.exit_depth for recs in acc.outputs.values() for o in recs} == {TINY_LAYERS}
+    before = set(deployment.replica_actor_names(stream.name))
+
+    stream.deploy(1, user_config={"exit": {"policy": "entropy", "tau": 1.0}})
+    assert set(deployment.replica_actor_names(stream.name)) == before, "reconfigure must not restart"
+    code, stats = stream.http("GET", "/stats")
+    assert code == 200 and stats["exit"]["policy"] == "entropy" and stats["worker"]["alive"]
+    second = stream.produce(texts(40, "after"))
+    acc = stream.wait_all(60, sent=second)
+    assert not acc.lost
+    assert {o.exit_depth for recs in acc.outputs.values() for o in recs} == {1}
+
+    code, body = stream.http("POST", "/classify", {"texts": ["shares rose", "the match ended 2-1"]})
+    assert code == 200, body
+    assert [p["exit_depth"] for p in body["predictions"]] == [1, 1]
+    assert all(p["label"] in LABELS for p in body["predictions"])
+    assert stream.http("POST", "/classify", {"texts": []})[0] == 422
+    assert stream.http("POST", "/classify", {"texts": ["ok", "  "]})[0] == 400
+    assert stream.http("GET", "/healthz")[0] == 200
+
+
+def test_dead_worker_fails_health_check_and_is_replaced(stream: Stream) -> None:
+    """A worker that cannot start (its metrics port is taken) fails the health check; Serve keeps
+    replacing the replica; once the port is free a replacement processes everything."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    overrides = stream.overrides()
+    overrides["telemetry"] = {"prometheus_port": port}
+    deployment.run_local_app(overrides, name=stream.name, num_replicas=1, num_cpus=0.5,
+                             route_prefix=stream.route, wait=False)
+    stream.produce(texts(50, "health"))
+    try:
+        seen, deadline, unhealthy = set(), time.monotonic() + 60, None
+        while time.monotonic() < deadline and (len(seen) < 2 or unhealthy is None):
+            seen |= set(deployment.replica_actor_names(stream.name))
+            code, body = stream.http("GET", "/healthz")
+            if code == 503:
+                unhealthy = body["detail"]
+            time.sleep(0.3)
+        assert unhealthy is not None and str(port) in unhealthy, unhealthy
+        assert len(seen) >= 2, f"Serve did not replace the replica whose worker died: {seen}"
+    finally:
+        blocker.close()
+    acc = stream.wait_all(90)
+    report("dead worker replaced", acc)
+    assert not acc.lost
