@@ -181,6 +181,9 @@ class ElbertWorker:
         self._telemetry: Any = None
         self._configured = False
         self._closed = False
+        from elbert_stream.autoscaling import ReplicaReporter
+
+        self._reporter = ReplicaReporter.create()  # keeps this replica's capacity estimate (EWMA)
         _set_torch_threads()
         log.info("replica %s created (grace %.0fs)", self.replica_tag, self._grace_s)
 
@@ -218,13 +221,12 @@ class ElbertWorker:
             raise ElbertError(f"worker {self.group_instance_id} thread is not running")
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """The exit-depth load report for ``autoscaling.ExitDepthPolicy`` (flat floats)."""
+        """The exit-depth load report for ``autoscaling.ExitDepthPolicy`` (flat floats; keys in
+        ``autoscaling.REPORT_KEYS``); empty until the worker runs."""
         worker = self._worker
         if worker is None:
             return {}
-        from elbert_stream import autoscaling
-
-        return autoscaling.build_replica_report(worker.stats(), self._settings.autoscaling)
+        return self._reporter.report(worker.stats())
 
     def __del__(self) -> None:
         """Serve's graceful stop: drain the worker within ``graceful_shutdown_timeout_s``."""
@@ -351,23 +353,38 @@ def start_local_ray(num_cpus: int, *, http_port: int, log_to_driver: bool = Fals
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
 
 
+_LOCAL_APPS: dict[str, dict[str, Any]] = {}  # the apps this process deployed, by name
+
+
 def run_local_app(overrides: Mapping[str, Any] | None = None, *, name: str = "elbert", num_replicas: int = 1,
                   num_cpus: float = 1.0, user_config: Mapping[str, Any] | None = None,
-                  route_prefix: str = "/", wait: bool = True, **options: Any) -> Any:
-    """Deploy (or update in place) the app on the running local Serve; returns its handle.
-
-    Calling it again with the same ``name`` is a config update: a changed ``num_replicas`` scales,
-    a changed ``user_config`` reaches ``reconfigure`` without restarting replicas. ``wait=False``
-    returns without waiting for the app to be RUNNING.
+                  route_prefix: str = "/", wait: bool = True, **options: Any) -> None:
+    """Deploy or update the app on the running local Serve the way ``serve deploy`` does: a
+    declarative config (``import_path: elbert_stream.deployment:build_app``, ``args.settings`` =
+    ``overrides``). Deploying the same ``name`` again is a config update, as in production: a new
+    ``num_replicas`` scales (graceful stop of removed replicas), a new ``user_config`` reaches
+    ``reconfigure`` on the running replicas; changed ``overrides`` redeploy (rolling). ``options``
+    are further deployment fields (``graceful_shutdown_timeout_s``, ``autoscaling_config``...);
+    ``wait=False`` returns without waiting for the app to be RUNNING.
     """
-    deployment = ElbertWorker.options(num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus},
-                                      user_config=dict(user_config or {}), **options)
-    target = deployment.bind(dict(overrides or {}))
-    if wait:
-        return serve.run(target, name=name, route_prefix=route_prefix)
-    from ray.serve.api import _run  # the non-blocking form serve.run wraps
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
-    return _run(target, _blocking=False, name=name, route_prefix=route_prefix)
+    dep = {"name": DEPLOYMENT_NAME, "user_config": dict(user_config or {}),
+           "ray_actor_options": {"num_cpus": num_cpus}, **options}
+    if "autoscaling_config" not in options:
+        dep["num_replicas"] = num_replicas
+    _LOCAL_APPS[name] = {"name": name, "route_prefix": route_prefix,
+                         "import_path": "elbert_stream.deployment:build_app",
+                         "args": {"settings": dict(overrides or {})}, "deployments": [dep]}
+    config = ServeDeploySchema.model_validate({"applications": list(_LOCAL_APPS.values())})
+    _get_global_client().deploy_apps(config, _blocking=wait)
+
+
+def delete_local_app(name: str) -> None:
+    """Remove an app deployed with :func:`run_local_app` (its replicas drain and stop)."""
+    _LOCAL_APPS.pop(name, None)
+    serve.delete(name)
 
 
 def replica_actor_names(app_name: str) -> list[str]:
@@ -390,6 +407,7 @@ def shutdown_local_ray() -> None:
     """Stop Serve and Ray started by :func:`start_local_ray` (idempotent)."""
     import ray
 
+    _LOCAL_APPS.clear()
     if ray.is_initialized():
         try:
             serve.shutdown()

@@ -67,8 +67,8 @@ class Stream:
                       **kafka},
         }
 
-    def deploy(self, num_replicas: int, user_config: dict[str, Any] | None = None, **kafka: Any) -> Any:
-        return deployment.run_local_app(self.overrides(**kafka), name=self.name, num_replicas=num_replicas,
+    def deploy(self, num_replicas: int, user_config: dict[str, Any] | None = None, **kafka: Any) -> None:
+        deployment.run_local_app(self.overrides(**kafka), name=self.name, num_replicas=num_replicas,
                                         num_cpus=0.5, user_config=user_config, route_prefix=self.route)
 
     def produce(self, values: list[bytes | None], rate_per_s: float | None = None) -> list[Sent]:
@@ -106,9 +106,7 @@ class Stream:
             return e.code, json.loads(e.read() or b"null")
 
     def delete(self) -> None:
-        from ray import serve
-
-        serve.delete(self.name)
+        deployment.delete_local_app(self.name)
 
 
 def report(name: str, acc: Accounting) -> str:
