@@ -116,11 +116,20 @@ class Engine:
         self._stats = EngineStats(mode=mode, max_slots=settings.max_slots,
                                   exit_depth_counts=[0] * model.num_layers)
         self._held: list[_Exit] = []  # naive mode: exited rows waiting for their batch
+        self._compile = compile
         self._layer_head = self._eager_layer_head
+        self._decide = self._policy_fn(policy)
         if compile:
             if self._device.type != "cuda":
                 log.warning("torch.compile requested on %s; it pays off on CUDA only", self._device)
             self._layer_head = torch.compile(self._eager_layer_head, dynamic=True)
+
+    def _policy_fn(self, policy: ExitPolicy) -> Any:
+        """``policy.decide``, compiled (one fused graph, ~25 fewer kernel launches) when asked.
+
+        A new policy recompiles once, on the first step after ``set_policy``.
+        """
+        return torch.compile(policy.decide, dynamic=True) if self._compile else policy.decide
 
     @staticmethod
     def _check_policy(policy: ExitPolicy, model: ElbertModel) -> None:
@@ -137,6 +146,7 @@ class Engine:
             self._state = ExitState.empty(num_slots, dev)  # [S] each
             self._trace = torch.zeros(num_slots, m.num_layers, 3, device=dev)  # [S, L, 3] fp32
             self._positions = torch.arange(self.max_length, device=dev)  # [T_max]
+            self._slot_ids = torch.arange(num_slots, device=dev)  # [S]
         self._len = np.zeros(num_slots, dtype=np.int64)  # host mirrors: never read back from the device
         self._depth = np.zeros(num_slots, dtype=np.int64)
         self._busy = np.zeros(num_slots, dtype=bool)
@@ -205,6 +215,7 @@ class Engine:
         with self._lock:
             if self._pending is not None:
                 self._policy, self._pending = self._pending, None
+                self._decide = self._policy_fn(self._policy)
         admitted = self._sched.schedule()
         with torch.inference_mode():
             if admitted:
@@ -279,27 +290,37 @@ class Engine:
 
     def _run_busy(self, busy: np.ndarray) -> list[_Exit]:
         """One layer application over the busy rows; returns the rows that exited this step."""
-        idx = torch.from_numpy(busy).to(self._device, non_blocking=True)  # [B]
         t = self._step_length(busy)
-        mask = (self._positions[:t] < self._len_dev[idx, None]).long()  # [B, T]
-        out, probs = self._layer_head(self._hidden[idx, :t], mask)  # [B, T, H], [B, K]
-        self._hidden[idx, :t] = out
-        depth = self._depth_dev[idx] + 1  # [B]
-        self._depth_dev[idx] = depth
-        dec = self._policy.decide(probs, depth, self._state.rows(idx))
-        self._state.assign(idx, dec.state)
-        self._trace[idx, depth - 1] = torch.stack([dec.pred.float(), dec.top, dec.entropy], -1)  # [B, 3]
+        idx, probs, reason_dev = self._advance(busy, t)
         self._depth[busy] += 1
         self._count_step(busy, t)
-        reason = dec.reason.cpu().numpy()  # [B]  the one per-step device->host read
-        rows = np.flatnonzero((reason != 0) & ~self._done[busy])  # positions within busy
-        if rows.size == 0:
+        reason = reason_dev.cpu().numpy()  # [B]  the one per-step device->host read
+        pos = np.flatnonzero((reason != 0) & ~self._done[busy])  # exited rows, as positions within busy
+        if pos.size == 0:
             return []
-        rows_t = torch.from_numpy(rows).to(self._device, non_blocking=True)  # [E]
-        data = torch.cat([probs[rows_t], self._trace[idx[rows_t]].flatten(1)], 1).cpu()  # [E, K + 3L]
-        slots = busy[rows]
-        return [_Exit(int(s), int(self._depth[s]), int(reason[r]), d)
-                for s, r, d in zip(slots, rows, data.tolist(), strict=True)]
+        pos_t = torch.from_numpy(pos).to(self._device, non_blocking=True)  # [E]
+        data = torch.cat([probs[pos_t], self._trace[idx[pos_t]].flatten(1)], 1).cpu()  # [E, K + 3L]
+        return [_Exit(int(busy[p]), int(self._depth[busy[p]]), int(reason[p]), d)
+                for p, d in zip(pos, data.tolist(), strict=True)]
+
+    def _advance(self, busy: np.ndarray, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Device work of a step: layer, head, policy, state and trace update. No host sync.
+
+        Returns (slot index ``[B]``, probs ``[B, K]`` fp32, exit reason codes ``[B]`` int8).
+        """
+        b = int(busy.size)
+        prefix = int(busy[-1]) == b - 1  # busy slots are 0..B-1 (lowest free slot is taken first)
+        idx = self._slot_ids[:b] if prefix else torch.from_numpy(busy).to(self._device, non_blocking=True)
+        rows: slice | torch.Tensor = slice(0, b) if prefix else idx  # a view, not a gather, for a prefix
+        mask = (self._positions[:t] < self._len_dev[rows, None]).long()  # [B, T]
+        out, probs = self._layer_head(self._hidden[rows, :t], mask)  # [B, T, H], [B, K]
+        self._hidden[rows, :t] = out
+        depth = self._depth_dev[rows] + 1  # [B]
+        self._depth_dev[rows] = depth
+        dec = self._decide(probs, depth, self._state.rows(idx))
+        self._state.assign(idx, dec.state)
+        self._trace[idx, depth - 1] = torch.stack([dec.pred.float(), dec.top, dec.entropy], -1)  # [B, 3]
+        return idx, probs, dec.reason
 
     def _count_step(self, busy: np.ndarray, t: int) -> None:
         s = self._stats

@@ -233,3 +233,13 @@ def test_from_settings_and_tokenize(tmp_path: Path) -> None:
     assert len(ids[1]) == 16 and ids[0][0] == ids[1][0] == tokenizer.cls_token_id
     out = eng.run_all([Request(x, text=t) for x, t in zip(ids, ["a", "b"], strict=True)])
     assert len(out) == 2 and all(1 <= p.exit_depth <= L for p in out)
+
+
+@pytest.mark.slow
+def test_compiled_engine_matches_the_oracle() -> None:
+    """torch.compile of the layer+head and of the policy (CPU inductor here; the same graphs on CUDA)."""
+    rng = random.Random(7)
+    eng = Engine(model(), POLICIES["window"], EngineSettings(max_slots=3), max_length=MAX_POS, compile=True)
+    run_checked(eng, [text(rng, rng.randrange(0, 30)) for _ in range(12)], [2], "window")
+    eng.set_policy(POLICIES["entropy"])
+    run_checked(eng, [text(rng, rng.randrange(0, 30)) for _ in range(12)], [2], "entropy")
