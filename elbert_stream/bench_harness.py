@@ -35,9 +35,11 @@ from elbert_stream.request import Prediction, Request
 log = logging.getLogger(__name__)
 
 # albert-base-v2 shapes; "tiny" keeps unit tests to seconds
-SIZES: dict[str, dict[str, int]] = {
+SIZES: dict[str, dict[str, Any]] = {
     "base": {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072,
              "embedding_size": 128, "num_hidden_layers": 12},
+    "minilm": {"hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536,
+               "embedding_size": 384, "num_hidden_layers": 12, "hidden_act": "gelu"},  # the shipped shape
     "tiny": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
              "embedding_size": 16, "num_hidden_layers": 6},
 }
@@ -137,10 +139,12 @@ class ReplayPolicy:
     """Exits each request at a predetermined depth drawn from a recorded histogram.
 
     ``ExitPolicy``-compatible (``decide(probs, depth, state)``). A row is *fresh* when its state
-    was reset on admission (``pred == -1``); fresh rows take the next depths of the replay sequence
-    in row order, and the target rides along in ``ExitState.streak`` (replay keeps no streak).
-    The sequence restarts on ``reset()``, so two runs admitting in the same order replay the same
-    depths. Depths beyond ``num_layers`` are clipped to it.
+    was reset on admission (``pred == -1``); its target depth is then read from the replay sequence
+    (``replay_sequence``: shuffled, histogram-exact blocks) and rides along in ``ExitState.streak``
+    (replay keeps no streak). Every call reads the next ``B`` entries of the sequence and fresh rows
+    take the entry at their row position, so the rule never reads the device back (no host sync
+    on CUDA); the targets are an unbiased sample of the histogram. Depths beyond ``num_layers``
+    are clipped to it. Each policy object replays from the start of its sequence.
     """
 
     counts: list[int]
@@ -152,10 +156,9 @@ class ReplayPolicy:
     _cursor: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._seq = replay_sequence(self.counts, 4096, self.seed).clamp(max=self.num_layers)
-
-    def reset(self) -> None:
-        self._cursor = 0
+        size = min(512, sum(self.counts))  # whole blocks, so the cycle is histogram-exact
+        seq = replay_sequence(self.counts, size * -(-4096 // size), self.seed)
+        self._seq = seq.clamp(max=self.num_layers)
 
     @property
     def mean_depth(self) -> float:
@@ -165,19 +168,19 @@ class ReplayPolicy:
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name, "mean_depth": self.mean_depth, "histogram": self.counts}
 
-    def _take(self, n: int) -> torch.Tensor:
-        idx = (torch.arange(n) + self._cursor) % len(self._seq)  # [n]
-        self._cursor += n
+    def _window(self, n: int, device: torch.device) -> torch.Tensor:
+        """The next ``n`` sequence entries ``[n]``, gathered on ``device`` (no host sync)."""
+        if self._seq.device != device:
+            self._seq = self._seq.to(device)
+        idx = (torch.arange(n, device=device) + self._cursor) % self._seq.numel()  # [n]
+        self._cursor = (self._cursor + n) % self._seq.numel()
         return self._seq[idx]
 
     def decide(self, probs: torch.Tensor, depth: torch.Tensor, state: ExitState) -> ExitDecision:
         probs = probs.float()
         top, pred = probs.max(-1)  # [B], [B]
-        fresh = state.pred < 0  # [B]
-        target = state.streak.clone()  # [B]
-        num_fresh = int(fresh.sum())
-        if num_fresh:
-            target[fresh] = self._take(num_fresh).to(device=target.device, dtype=target.dtype)
+        drawn = self._window(depth.shape[0], depth.device).to(state.streak.dtype)  # [B]
+        target = torch.where(state.pred < 0, drawn, state.streak)  # [B] fresh rows take a new depth
         done = depth >= target  # [B]
         reason = torch.where(done, EXIT_WINDOW, NO_EXIT)
         reason = torch.where(depth >= self.num_layers, EXIT_MAX_DEPTH, reason).to(torch.int8)

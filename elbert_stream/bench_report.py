@@ -84,6 +84,7 @@ def document(opts: BenchOptions, setup: Setup, runs: list[dict[str, Any]]) -> di
         "policy": setup.policy_desc,
         "replay": opts.replay,
         "num_inputs": len(setup.inputs), "num_unique_inputs": len(setup.unique), "rounds": opts.rounds,
+        "num_full_depth_batches": opts.full_depth_batches, "num_single_samples": opts.single_samples,
         "exit_depth_histogram": setup.histogram or first["exit_depth_histogram_f"],
         "batch_size": first["batch_size"], "variants": first["variants"], "ratios": first["ratios"],
         "ideal_samples_per_s": first["ideal_samples_per_s"], "streaming": first["streaming"],
@@ -125,8 +126,9 @@ def markdown(doc: dict[str, Any]) -> str:
         + (f", GPU {m['gpu']}" if m["gpu"] else "") + "  ",
         f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}  ",
         f"Model: {doc['model']}  ", f"Exit policy: {doc['policy']}  ",
-        f"Inputs: {doc['num_inputs']} BBC val+test texts ({doc['num_unique_inputs']} unique, repeated); "
-        f"(a), (b), (e) run on the unique pass; {doc['rounds']} interleaved round(s).", "",
+        f"Inputs: {doc['num_inputs']} BBC val+test texts ({doc['num_unique_inputs']} unique, repeated) for "
+        f"(c), (d), (f); the first {doc['num_full_depth_batches']} batches of them for (a), (b); the first "
+        f"{doc['num_single_samples']} for (e); {doc['rounds']} interleaved round(s).", "",
         "Streaming: Poisson arrivals in virtual time advanced by measured step durations "
         "(docs/benchmarks.md).", "",
     ]

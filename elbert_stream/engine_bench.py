@@ -12,9 +12,9 @@ Variants (all on one model, one input set, one batch size, measured in one run):
 (b)-(f) are the ``Engine`` in its three modes, so they share every line of the hot path.
 Ideal = (a) x L / mean exit depth of (f). Fairness on a noisy machine: the inputs are cut into
 ``rounds`` chunks and every round runs every variant on its chunk, in an order rotated per round.
-Full-depth variants (a, b) run on one pass of the unique texts or ``full_depth_batches`` batches,
-whichever is more (their cost per sample does not depend on which texts: every BBC text fills
-``max_length``); batch-1 (e) on one pass of the unique texts; (c, d, f) on all inputs.
+The early-exit variants (c, d, f) run on all inputs; the full-depth ones (a, b) on the first
+``full_depth_batches`` batches of them and batch-1 (e) on the first ``single_samples`` (a sample's
+cost at full depth does not depend on which text it is: every BBC text fills ``max_length``).
 
 Streaming: Poisson arrivals at fractions of (f)'s measured capacity, simulated in virtual time
 (see ``bench_harness.simulate_stream`` and docs/benchmarks.md), p50/p99 latency of (c), (d), (f).
@@ -39,7 +39,7 @@ from elbert_stream.config import EngineSettings, ExitSettings
 from elbert_stream.engine import BatchMode, Engine
 from elbert_stream.errors import ConfigError
 from elbert_stream.exit_policy import ExitPolicy, exit_depths_offline
-from elbert_stream.model import ElbertModel, resolve_device, resolve_dtype, shipped_model_dir
+from elbert_stream.model import ElbertModel, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class BenchOptions:
 
     size: str = "shipped"
     model_dir: str | None = None
+    tokenizer_dir: str | None = None  # default: the model dir, else the shipped model's
     device: str = "cpu"
     dtype: str = "auto"
     batches: list[int] = field(default_factory=lambda: [64])
@@ -70,11 +71,12 @@ class BenchOptions:
     replay_from: str | None = None
     rounds: int = 2
     samples_per_slot: int = 32  # early-exit inputs >= this x the largest batch (fill/drain stay small)
-    full_depth_batches: int = 4  # (a), (b) run on at least this many batches
+    full_depth_batches: int = 4  # (a), (b) run on this many batches
+    single_samples: int = 256  # (e) runs on this many inputs
     stream_batches: int = 6  # streaming requests >= this x the batch size
     max_unique: int | None = None  # cap on the unique texts (quick runs)
     loads: list[float] = field(default_factory=lambda: [0.5, 0.8])
-    stream_requests: int = 400
+    stream_requests: int = 256
     compile: bool = False
     seed: int = 0
     out_dir: Path = Path("bench/results")
@@ -115,10 +117,10 @@ def build_setup(opts: BenchOptions, unique: list[list[int]] | None = None) -> Se
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     if unique is None:
-        tok_dir = opts.model_dir if opts.size == "shipped" else (opts.model_dir or shipped_model_dir())
-        unique = H.bench_token_ids(tok_dir, opts.max_length, 1)
+        unique = H.bench_token_ids(opts.tokenizer_dir or opts.model_dir, opts.max_length, 1)  # None: shipped
     unique = unique[: opts.max_unique]
-    inputs = H.repeat_to(unique, max(opts.min_samples, opts.samples_per_slot * max(opts.batches)))
+    count = max(opts.min_samples, opts.samples_per_slot * max(opts.batches))
+    inputs = H.repeat_to(unique, count)[:count]
     vocab = 1 + max(max(r) for r in unique)
     model = H.build_model(opts.size, device, dtype, vocab_size=vocab, model_dir=opts.model_dir)
     histogram = None
@@ -176,9 +178,10 @@ def chunks(items: Sequence[Any], n: int) -> list[Sequence[Any]]:
 
 
 # ---- throughput -------------------------------------------------------------------------------
-def variant_inputs(setup: Setup, batch: int, full_depth_batches: int) -> dict[str, Sequence[list[int]]]:
-    full = setup.inputs[: max(len(setup.unique), full_depth_batches * batch)]
-    return {v: full if v in FULL_DEPTH else setup.unique if v == "e" else setup.inputs for v in VARIANTS}
+def variant_inputs(setup: Setup, batch: int, opts: BenchOptions) -> dict[str, Sequence[list[int]]]:
+    full = setup.inputs[: opts.full_depth_batches * batch]
+    single = setup.inputs[: opts.single_samples]
+    return {v: full if v in FULL_DEPTH else single if v == "e" else setup.inputs for v in VARIANTS}
 
 
 def measure_throughput(runners: dict[str, Callable[..., dict[str, Any]]], inputs: dict[str, Sequence[Any]],
@@ -244,7 +247,7 @@ def measure_streaming(setup: Setup, runners: dict[str, Any], batch: int, capacit
 def bench_batch(setup: Setup, batch: int, opts: BenchOptions) -> dict[str, Any]:
     """All variants at one batch size, then streaming at that batch size."""
     runners = variant_runners(setup, batch, opts)
-    variants = measure_throughput(runners, variant_inputs(setup, batch, opts.full_depth_batches), opts.rounds)
+    variants = measure_throughput(runners, variant_inputs(setup, batch, opts), opts.rounds)
     depths = variants["f"].pop("depths")
     num_layers = setup.model.num_layers
     ideal = variants["a"]["samples_per_s"] * num_layers / variants["f"]["mean_exit_depth"]
@@ -278,6 +281,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="shipped", choices=["shipped", *sorted(H.SIZES)],
                    help="shipped = the trained BBC model; base/tiny = random weights (use --replay)")
     p.add_argument("--model-dir", default=None, help="checkpoint dir (default: the shipped model)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer dir (default: the model's, else the shipped one)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--batch", default="64", help="comma-separated batch sizes (slots), e.g. 64,128,256,512")
@@ -289,7 +294,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shipped model's on BBC")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (variants alternate)")
     p.add_argument("--loads", default="0.5,0.8", help="streaming loads as fractions of (f)'s capacity")
-    p.add_argument("--stream-requests", type=int, default=400,
+    p.add_argument("--single-samples", type=int, default=256, help="inputs for (e), batch size 1")
+    p.add_argument("--stream-requests", type=int, default=256,
                    help="requests per streaming run, at least 6 x the batch size (0 = skip)")
     p.add_argument("--full-depth-batches", type=int, default=4,
                    help="(a), (b) run on at least this many batches")
@@ -300,16 +306,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     opts = BenchOptions(
-        size=args.size, model_dir=args.model_dir, device=args.device, dtype=args.dtype,
+        size=args.size, model_dir=args.model_dir, tokenizer_dir=args.tokenizer, device=args.device,
+        dtype=args.dtype,
         batches=[int(b) for b in str(args.batch).split(",") if b], max_length=args.max_length,
         min_samples=args.min_samples, replay=args.replay, replay_from=args.replay_from, rounds=args.rounds,
         loads=[float(x) for x in str(args.loads).split(",") if x], stream_requests=args.stream_requests,
         compile=args.compile, seed=args.seed, out_dir=Path(args.out), command=args.command_line,
-        full_depth_batches=args.full_depth_batches,
+        full_depth_batches=args.full_depth_batches, single_samples=args.single_samples,
     )
     if getattr(args, "quick", False):
         opts.min_samples, opts.rounds, opts.samples_per_slot = min(opts.min_samples, 200), 1, 2
-        opts.max_unique = 100
+        opts.max_unique, opts.full_depth_batches, opts.single_samples = 100, 2, min(opts.single_samples, 32)
         opts.stream_requests, opts.stream_batches = min(opts.stream_requests, 60), 2
     return opts
 
