@@ -14,6 +14,7 @@
 #      `elbert-stream bench engine --device cuda --dtype bfloat16 --replay --size base --batch 64,128,256,512`
 #      and leaves engine.json, engine.md and the logs in $OUT (default bench/results/gpu).
 #   Smoke test of every code path on CPU:  GPU_CHECK_DEVICE=cpu bash bench/gpu_check.sh --quick
+#   GPU_CHECK_ARGS adds flags to the bench command (e.g. "--compile" or "--tokenizer DIR").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -82,6 +83,6 @@ SIZE="base"; [[ -n "$QUICK" ]] && SIZE="tiny"
 DTYPE="bfloat16"; [[ "$DEVICE" == "cpu" ]] && DTYPE="float32"
 # shellcheck disable=SC2086
 "$PY" -m elbert_stream.cli bench engine --device "$DEVICE" --dtype "$DTYPE" --replay $REPLAY_FROM \
-    --size "$SIZE" --batch "$BATCH" --full-depth-batches 16 --out "$OUT" $QUICK || status=1
+    --size "$SIZE" --batch "$BATCH" --full-depth-batches 16 --out "$OUT" $QUICK ${GPU_CHECK_ARGS:-} || status=1
 echo "== gpu_check done: status $status; results in $OUT"
 exit $status

@@ -153,7 +153,7 @@ class ReplayPolicy:
     name: str = "replay"
     min_depth: int = 1
     _seq: torch.Tensor = field(init=False, repr=False)
-    _cursor: int = field(default=0, init=False, repr=False)
+    _cursor: torch.Tensor | None = field(default=None, init=False, repr=False)  # [] long, on the device
 
     def __post_init__(self) -> None:
         size = min(512, sum(self.counts))  # whole blocks, so the cycle is histogram-exact
@@ -169,11 +169,13 @@ class ReplayPolicy:
         return {"policy": self.name, "mean_depth": self.mean_depth, "histogram": self.counts}
 
     def _window(self, n: int, device: torch.device) -> torch.Tensor:
-        """The next ``n`` sequence entries ``[n]``, gathered on ``device`` (no host sync)."""
-        if self._seq.device != device:
+        """The next ``n`` sequence entries ``[n]``, gathered on ``device``. The cursor is a device
+        tensor updated in place: no host sync, and no Python state for ``torch.compile`` to guard."""
+        if self._cursor is None or self._seq.device != device:
             self._seq = self._seq.to(device)
+            self._cursor = torch.zeros((), dtype=torch.long, device=device)
         idx = (torch.arange(n, device=device) + self._cursor) % self._seq.numel()  # [n]
-        self._cursor = (self._cursor + n) % self._seq.numel()
+        self._cursor.add_(n).remainder_(self._seq.numel())
         return self._seq[idx]
 
     def decide(self, probs: torch.Tensor, depth: torch.Tensor, state: ExitState) -> ExitDecision:
