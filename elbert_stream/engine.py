@@ -35,7 +35,7 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from elbert_stream.config import EngineSettings, Settings
-from elbert_stream.errors import BadMessage, ConfigError
+from elbert_stream.errors import BadMessage, ConfigError, EngineFailure
 from elbert_stream.exit_policy import REASON_NAMES, ExitPolicy, ExitState
 from elbert_stream.model import ElbertModel, load_tokenizer, resolve_device, resolve_dtype
 from elbert_stream.request import DepthTrace, Prediction, Request
@@ -115,6 +115,7 @@ class Engine:
         self._alloc(settings.max_slots)
         self._stats = EngineStats(mode=mode, max_slots=settings.max_slots,
                                   exit_depth_counts=[0] * model.num_layers)
+        self._failure: Exception | None = None
         self._held: list[_Exit] = []  # naive mode: exited rows waiting for their batch
         self._compile = compile
         self._layer_head = self._eager_layer_head
@@ -180,6 +181,8 @@ class Engine:
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids with special tokens, truncated to ``max_length``."""
+        if not texts:
+            return []
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(None)
         enc = self._tokenizer(list(texts), truncation=True, max_length=self.max_length)
@@ -210,20 +213,31 @@ class Engine:
         )
 
     def step(self) -> list[Prediction]:
-        """Admit, run the shared layer once over every busy slot, return the samples that exited."""
+        """Admit, run the shared layer once over every busy slot, return the samples that exited.
+
+        Raises ``EngineFailure`` if the device work fails (e.g. out of memory); the slot state is
+        then undefined, so every later step raises too and the replica must be replaced.
+        """
+        if self._failure is not None:
+            raise EngineFailure(f"engine failed earlier: {self._failure!r}")
         t0 = time.perf_counter()
         with self._lock:
             if self._pending is not None:
                 self._policy, self._pending = self._pending, None
                 self._decide = self._policy_fn(self._policy)
-        admitted = self._sched.schedule()
-        with torch.inference_mode():
-            if admitted:
-                self._admit(admitted)
-            busy = np.flatnonzero(self._busy)  # [B] slot numbers
-            if busy.size == 0:
-                return []
-            exits = self._run_busy(busy)
+        try:
+            admitted = self._sched.schedule()
+            with torch.inference_mode():
+                if admitted:
+                    self._admit(admitted)
+                busy = np.flatnonzero(self._busy)  # [B] slot numbers
+                if busy.size == 0:
+                    return []
+                exits = self._run_busy(busy)
+        except Exception as e:
+            self._failure = e
+            log.exception("engine step failed")
+            raise EngineFailure(f"engine step failed: {e!r}") from e
         out = self._release(exits)
         self._stats.num_steps += 1
         self._stats.step_time_s += time.perf_counter() - t0

@@ -21,7 +21,7 @@ from transformers import AlbertConfig, AutoTokenizer
 
 from elbert_stream.config import EngineSettings, Settings
 from elbert_stream.engine import BATCH_MODES, Engine
-from elbert_stream.errors import BadMessage, ConfigError
+from elbert_stream.errors import BadMessage, ConfigError, EngineFailure
 from elbert_stream.exit_policy import REASON_NAMES, ExitPolicy, exit_depths_offline
 from elbert_stream.model import ElbertModel, normalised_entropy
 from elbert_stream.request import Prediction, Request
@@ -243,3 +243,18 @@ def test_compiled_engine_matches_the_oracle() -> None:
     run_checked(eng, [text(rng, rng.randrange(0, 30)) for _ in range(12)], [2], "window")
     eng.set_policy(POLICIES["entropy"])
     run_checked(eng, [text(rng, rng.randrange(0, 30)) for _ in range(12)], [2], "entropy")
+
+
+def test_device_failure_becomes_engine_failure_and_sticks(monkeypatch: pytest.MonkeyPatch) -> None:
+    eng = engine("none")
+    assert eng.add(Request([2, 7, 3]))
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(eng, "_layer_head", broken)
+    with pytest.raises(EngineFailure, match="out of memory"):
+        eng.step()
+    monkeypatch.undo()
+    with pytest.raises(EngineFailure, match="failed earlier"):
+        eng.step()
