@@ -1,0 +1,117 @@
+"""Helpers for test_kafka_io.py / test_worker.py: produce with keys and headers, read topics back
+without a consumer group, read a group's committed offsets, build worker settings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from elbert_stream.config import Settings
+
+Position = tuple[str, int, int]
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+
+    @property
+    def position(self) -> Position:
+        return (self.topic, self.partition, self.offset)
+
+
+def produce(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes | None, dict[str, bytes]]],
+            **config: Any) -> list[Record]:
+    """Send (key, value, headers) items; returns each as a Record at the position the broker gave it."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **config)
+    try:
+        futs = [producer.send(topic, key=k, value=v, headers=list(h.items())) for k, v, h in items]
+        producer.flush()
+        out = []
+        for (k, v, h), fut in zip(items, futs, strict=True):
+            meta = fut.get(timeout=30)
+            out.append(Record(meta.topic, meta.partition, meta.offset, k, v, h))
+        return out
+    finally:
+        producer.close()
+
+
+class Reader:
+    """Reads every partition of ``topics`` from the beginning (no consumer group), accumulating."""
+
+    def __init__(self, bootstrap: str, topics: list[str], isolation_level: str = "read_uncommitted") -> None:
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                      fetch_max_wait_ms=100, isolation_level=isolation_level)
+        parts = [TopicPartition(t, p) for t in topics
+                 for p in sorted(self.consumer.partitions_for_topic(t) or ())]
+        self.consumer.assign(parts)
+        self.consumer.seek_to_beginning(*parts)
+        self.records: dict[str, list[Record]] = {t: [] for t in topics}
+
+    def poll(self, timeout_ms: int = 200) -> int:
+        got = 0
+        for tp, recs in self.consumer.poll(timeout_ms=timeout_ms, max_records=5000).items():
+            self.records[tp.topic] += [Record(tp.topic, tp.partition, r.offset, r.key, r.value,
+                                              dict(r.headers or [])) for r in recs]
+            got += len(recs)
+        return got
+
+    def read(self, min_count: int, timeout_s: float = 60.0, settle_s: float = 0.5) -> dict[str, list[Record]]:
+        """Poll until ``min_count`` records in total (or the timeout), then ``settle_s`` more so late
+        duplicates get counted too."""
+        deadline = time.monotonic() + timeout_s
+        while sum(map(len, self.records.values())) < min_count and time.monotonic() < deadline:
+            self.poll()
+        settle = time.monotonic() + settle_s
+        while time.monotonic() < settle:
+            self.poll(100)
+        return self.records
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def read_all(bootstrap: str, topics: list[str], min_count: int, timeout_s: float = 60.0,
+             settle_s: float = 0.5, isolation_level: str = "read_uncommitted") -> dict[str, list[Record]]:
+    reader = Reader(bootstrap, topics, isolation_level)
+    try:
+        return reader.read(min_count, timeout_s, settle_s)
+    finally:
+        reader.close()
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int | None]:
+    """The group's committed offset per partition (None: nothing committed)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
+    finally:
+        consumer.close(autocommit=False)
+
+
+def worker_settings(bootstrap: str, topics: dict[str, str], model_dir: Path,
+                    **sections: dict[str, Any]) -> Settings:
+    kafka = {"bootstrap_servers": bootstrap, "input_topics": [topics["input"]],
+             "output_topic": topics["output"], "dead_letter_topic": topics["dead"],
+             "group_id": topics["group"], "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
+             "commit_interval_s": 0.2, **sections.pop("kafka", {})}
+    engine = {"max_slots": 16, **sections.pop("engine", {})}
+    return Settings(model={"path": str(model_dir), "device": "cpu"}, kafka=kafka, engine=engine, **sections)
+
+
+def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())

@@ -1,0 +1,186 @@
+"""The Worker against a real Tansu broker and the real engine (a tiny random ELBERT): every input
+offset yields exactly one output or one dead letter; keys and trace context carried; backpressure
+bounds memory; drain commits; a restarted worker resumes from the committed offsets."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka_support import Record, committed, produce, read_all, wait_for, worker_settings
+
+from elbert_stream.config import ExitSettings, Settings
+from elbert_stream.engine import Engine
+from elbert_stream.records import OutputRecord
+from elbert_stream.worker import Worker
+
+pytestmark = pytest.mark.integration
+TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@contextmanager
+def running(settings: Settings, replica_id: str = "r0") -> Iterator[Worker]:
+    worker = Worker(settings, Engine.from_settings(settings), None, replica_id=replica_id).start()
+    try:
+        yield worker
+    finally:
+        worker.stop(20)
+    assert worker.error is None, worker.error
+
+
+def texts(n: int, tag: str) -> list[bytes]:
+    words = ["markets", "film", "election", "match", "software", "shares", "album", "minister"]
+    return [f"{tag} {i}: the {words[i % len(words)]} story, told again".encode() for i in range(n)]
+
+
+def answers(bootstrap: str, topics: dict[str, str], n: int,
+            timeout_s: float = 90.0) -> dict[str, list[Record]]:
+    """Output and dead-letter records, once at least ``n`` arrived in total."""
+    got = read_all(bootstrap, [topics["output"], topics["dead"]], n, timeout_s)
+    return {"out": got[topics["output"]], "dead": got[topics["dead"]]}
+
+
+def by_source(got: dict[str, list[Record]]) -> dict[tuple[str, int, int], list[tuple[str, Record]]]:
+    """Input position -> the answers naming it (("out", record) or ("dead", record))."""
+    index: dict[tuple[str, int, int], list[tuple[str, Record]]] = {}
+    for rec in got["out"]:
+        o = OutputRecord.from_bytes(rec.value or b"")
+        index.setdefault((o.topic, o.partition, o.offset), []).append(("out", rec))
+    for rec in got["dead"]:
+        h = rec.headers
+        pos = (h["elbert.source.topic"].decode(), int(h["elbert.source.partition"]),
+               int(h["elbert.source.offset"]))
+        index.setdefault(pos, []).append(("dead", rec))
+    return index
+
+
+def test_every_input_answered_exactly_once(kafka_bootstrap: str, topics: dict[str, str],
+                                          tiny_model_dir: Path) -> None:
+    settings = worker_settings(kafka_bootstrap, topics, tiny_model_dir,
+                               kafka={"max_message_bytes": 2000, "max_text_chars": 300})
+    good = [(f"k{i}".encode(), t, {"traceparent": TRACEPARENT} if i % 2 else {})
+            for i, t in enumerate(texts(60, "good"))]
+    good.append((b"json", json.dumps({"text": "a JSON story about shares", "id": "doc-7"}).encode(), {}))
+    good.append((None, b"{not json: auto treats it as text", {}))
+    bad = {
+        "not_utf8": (b"b1", b"caf\xe9 \xff", {"traceparent": TRACEPARENT}),
+        "empty": (b"b2", b"  \n ", {}),
+        "null_value": (b"b3", None, {}),
+        "too_large": (b"b4", b"x " * 1500, {}),
+        "text_too_long": (b"b5", json.dumps({"text": "y" * 400}).encode(), {}),
+        "no_text": (b"b6", b'{"id": 3, "body": "no text field"}', {}),
+    }
+    sent = produce(kafka_bootstrap, topics["input"], good + list(bad.values()))
+    reason_at = {r.position: reason for r, reason in zip(sent[len(good):], bad, strict=True)}
+    with running(settings) as worker:
+        got = answers(kafka_bootstrap, topics, len(sent))
+        stats = worker.stats()
+    index = by_source(got)
+    assert sorted(index) == sorted(r.position for r in sent), "an input got no answer (or a stray one)"
+    assert all(len(v) == 1 for v in index.values()), {p: len(v) for p, v in index.items() if len(v) > 1}
+    for rec in sent:
+        kind, ans = index[rec.position][0]
+        assert ans.key == rec.key
+        assert ans.headers.get("traceparent") == rec.headers.get("traceparent")
+        if rec.position in reason_at:
+            assert kind == "dead" and ans.headers["elbert.reason"].decode() == reason_at[rec.position]
+            assert ans.value == rec.value and ans.headers["elbert.replica"] == b"r0"
+            continue
+        assert kind == "out"
+        out = OutputRecord.from_bytes(ans.value or b"")
+        assert out.key == (rec.key.decode() if rec.key else None) and out.replica_id == "r0"
+        assert 1 <= out.exit_depth <= 6 and [t.depth for t in out.trace] == list(range(1, out.exit_depth + 1))
+        assert math.isclose(sum(out.probabilities), 1.0, abs_tol=1e-4)
+        assert out.id == ("doc-7" if rec.key == b"json" else None)
+    assert stats["messages"] == {"ok": len(good), "dead_letter": len(bad), "error": 0}
+    assert stats["dead_letter_reasons"] == dict.fromkeys(bad, 1)
+    assert sum(stats["exit_depth_counts"]) == len(good)
+
+
+def test_backpressure_bounds_memory_and_resumes(kafka_bootstrap: str, topics: dict[str, str],
+                                                tiny_model_dir: Path) -> None:
+    max_poll, max_queue, max_slots = 10, 2, 2
+    settings = worker_settings(kafka_bootstrap, topics, tiny_model_dir,
+                               engine={"max_slots": max_slots, "max_queue": max_queue},
+                               kafka={"max_poll_records": max_poll})
+    sent = produce(kafka_bootstrap, topics["input"], [(None, t, {}) for t in texts(300, "bp")])
+    samples: list[dict[str, Any]] = []
+    with running(settings) as worker:
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.005):
+                samples.append(worker.stats())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        assert wait_for(lambda: worker.stats()["messages"]["ok"] >= len(sent), 120), worker.stats()
+        stop.set()
+        sampler.join()
+        final = worker.stats()
+    got = answers(kafka_bootstrap, topics, len(sent))
+    index = by_source(got)
+    assert sorted(index) == sorted(r.position for r in sent) and all(len(v) == 1 for v in index.values())
+    held = max(s["backlog"] + s["num_waiting"] + s["num_busy"] for s in samples)
+    print(f"[backpressure] max held in worker+engine: {held}; paused in "
+          f"{sum(s['paused'] for s in samples)}/{len(samples)} samples")
+    assert max(s["backlog"] for s in samples) <= max_poll
+    assert max(s["num_waiting"] for s in samples) <= max_queue
+    assert held <= max_poll + max_queue + max_slots
+    assert any(s["paused"] for s in samples), "the worker never paused its partitions"
+    assert not final["paused"] and final["backlog"] == 0
+
+
+def test_drain_commits_and_restart_resumes(kafka_bootstrap: str, topics: dict[str, str],
+                                           tiny_model_dir: Path) -> None:
+    settings = worker_settings(kafka_bootstrap, topics, tiny_model_dir, kafka={"max_poll_records": 20})
+    first = produce(kafka_bootstrap, topics["input"], [(None, t, {}) for t in texts(2000, "one")])
+    t0 = time.monotonic()
+    with running(settings) as worker:
+        assert wait_for(lambda: worker.stats()["messages"]["ok"] >= 50, 60)
+        join_s = time.monotonic() - t0
+    # stopped mid-stream: everything polled was finished, delivered and committed; nothing beyond
+    done = committed(kafka_bootstrap, topics["group"], topics["input"], 4)
+    index = by_source(answers(kafka_bootstrap, topics, 50, timeout_s=10))
+    answered = Counter(p for (_, p, _) in index)
+    for p, off in done.items():
+        assert off is not None and off > 0 or answered[p] == 0
+        assert answered[p] == (off or 0), f"partition {p}: {answered[p]} answered, committed {off}"
+    assert all(len(v) == 1 for v in index.values())
+    drained = sum(answered.values())
+    assert drained < len(first), "the drain test needs a worker stopped mid-stream"
+    second = produce(kafka_bootstrap, topics["input"], [(None, t, {}) for t in texts(100, "two")])
+    t1 = time.monotonic()
+    with running(settings) as worker:  # same replica id: same static member
+        assert wait_for(lambda: worker.stats()["messages"]["ok"] >= len(first) + len(second) - drained, 120)
+        rejoin_s = time.monotonic() - t1
+    index = by_source(answers(kafka_bootstrap, topics, len(first) + len(second)))
+    duplicates = sum(len(v) - 1 for v in index.values())
+    print(f"[restart] drained {drained}, first join+50 msgs {join_s:.1f}s, rejoin+rest {rejoin_s:.1f}s, "
+          f"duplicates {duplicates}")
+    assert sorted(index) == sorted(r.position for r in first + second)
+    assert duplicates == 0  # a graceful drain commits everything it answered
+
+
+def test_classify_and_exit_policy_share_the_engine(kafka_bootstrap: str, topics: dict[str, str],
+                                                   tiny_model_dir: Path) -> None:
+    settings = worker_settings(kafka_bootstrap, topics, tiny_model_dir)
+    sent = produce(kafka_bootstrap, topics["input"], [(None, t, {}) for t in texts(200, "mixed")])
+    with running(settings) as worker:
+        preds = worker.classify(["shares fell sharply", "the match ended in a draw"], timeout_s=30)
+        assert [p.request_id for p in preds] and len(preds) == 2
+        worker.set_exit_policy(ExitSettings(policy="none"))
+        deep = worker.classify(["the minister resigned"], timeout_s=30)
+        assert deep[0].exit_depth == 6 and deep[0].exit_reason == "max_depth"
+        worker.set_exit_policy(ExitSettings(min_depth=4))
+        assert all(p.exit_depth >= 4 for p in worker.classify(["a", "b", "c"], timeout_s=30))
+        assert wait_for(lambda: worker.stats()["messages"]["ok"] >= len(sent), 60)
+    assert worker.stats()["exit_policy"]["min_depth"] == 4
