@@ -52,7 +52,7 @@ def bad_inputs() -> list[BadInput]:
     """One of each kind of unprocessable message (reasons from ``records.DEAD_LETTER_REASONS``)."""
     return [
         BadInput("not UTF-8", b"\xff\xfe\x00 caf\xe9", "not_utf8"),
-        BadInput("empty", b"", "empty"),
+        BadInput("empty value", b"", "bad_json"),  # input_format=json: an empty value is not JSON
         BadInput("blank text", json.dumps({"text": "   ", "id": "blank"}).encode(), "empty"),
         BadInput("bad JSON", b'{"text": "unterminated', "bad_json"),
         BadInput("JSON without text", json.dumps({"id": "no-text"}).encode(), "no_text"),
@@ -128,7 +128,8 @@ def _stream(console: Any, bootstrap: str, data: Dataset,
 
     values = [json.dumps({"text": e.text, "id": e.id}).encode() for e in data.examples]
     bad = bad_inputs()
-    sent = produce_values(bootstrap, INPUT, values + [b.value for b in bad])
+    keys = [e.id.encode() for e in data.examples] + [f"bad/{b.name}".encode() for b in bad]
+    sent = produce_values(bootstrap, INPUT, values + [b.value for b in bad], keys)
     total = len(sent)
     console.print(f"[bold]produced[/] {len(values)} BBC test articles + {len(bad)} bad messages")
     live = Live(console=console, refresh_per_second=4)

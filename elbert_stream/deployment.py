@@ -11,8 +11,8 @@ This is the only module that imports Ray. A replica:
 * runs on whatever ``ray_actor_options`` gave it: ``model.device="auto"`` picks CUDA when Ray
   assigned a GPU, and torch uses as many threads as Ray assigned CPUs.
 
-``reconfigure(user_config)``: the ``exit`` and ``autoscaling`` sections apply live (between engine
-steps, no restart). A change to ``model``, ``engine``, ``kafka`` or ``telemetry`` restarts the
+``reconfigure(user_config)``: the ``exit`` section applies live (between engine steps, no restart;
+``autoscaling`` is accepted too but only the controller-side policy reads its own kwargs). A change to ``model``, ``engine``, ``kafka`` or ``telemetry`` restarts the
 worker inside the replica: the old one drains (finish in-flight, flush, commit), then a new engine
 and worker start. ``check_health`` raises once the worker has died, so Serve replaces the replica.
 ``__del__`` (Serve's graceful stop) drains within ``graceful_shutdown_timeout_s``.
@@ -254,6 +254,8 @@ class ElbertWorker:
             raise HTTPException(400, str(e)) from e
         except TimeoutError as e:
             raise HTTPException(504, f"classification timed out after {body.timeout_s}s") from e
+        except ElbertError as e:  # EngineFailure: the worker stopped or died meanwhile
+            raise HTTPException(503, f"replica {self.replica_tag}: {e}") from e
         return {"replica_id": self.replica_tag, "predictions": [p.to_dict() for p in predictions]}
 
     @api.get("/stats")

@@ -71,8 +71,9 @@ class Stream:
         deployment.run_local_app(self.overrides(**kafka), name=self.name, num_replicas=num_replicas,
                                         num_cpus=0.5, user_config=user_config, route_prefix=self.route)
 
-    def produce(self, values: list[bytes | None], rate_per_s: float | None = None) -> list[Sent]:
-        sent = produce_values(self.bootstrap, self.input, values, rate_per_s=rate_per_s)
+    def produce(self, values: list[bytes | None], rate_per_s: float | None = None,
+                keys: list[bytes | None] | None = None) -> list[Sent]:
+        sent = produce_values(self.bootstrap, self.input, values, keys, rate_per_s=rate_per_s)
         self.sent += sent
         return sent
 

@@ -113,7 +113,8 @@ def test_bad_input_mix_is_dead_lettered_and_the_stream_goes_on(stream: Stream) -
     bad = bad_inputs()
     huge = b"y" * 1_500_000  # bigger than the producer's default max request: must still be dead-lettered
     values = good[:20] + [b.value for b in bad] + [huge] + good[20:]
-    sent = stream.produce(values)
+    keys = [f"k{i}".encode() for i in range(len(values))]  # a tombstone needs a key
+    sent = stream.produce(values, keys=keys)
     acc = stream.wait_all(60)
     report("bad input mix", acc)
     assert not acc.lost and acc.num_duplicates == 0 and acc.strays == 0

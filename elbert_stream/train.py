@@ -1,0 +1,426 @@
+"""ELBERT fine-tuning: ``elbert-stream train``.
+
+The loss is ELBERT's: ``sum_i w_i * CE_i`` over depths ``i = 1..L``, with ``w_i = sigmoid(t_i)`` for
+``i < L`` and ``w_L = L - sum_{i<L} w_i`` (``ElbertModel.depth_weights``); ``t`` are learned, in their
+own optimizer group with their own learning rate. Training is deterministic in ``--seed``, shows a
+progress bar, reports validation accuracy per depth after every epoch, and checkpoints model +
+optimizer + step so ``--resume`` continues an interrupted run exactly.
+
+Initialisation (``--init``): an ALBERT checkpoint dir, a named small config trained from scratch
+(``albert-tiny``/``albert-small``; tokenizer from ``--tokenizer`` or a SentencePiece model trained
+on the training split), or ``--recipe bbc-minilm`` (MiniLM-L6 layer -> ALBERT shared layer).
+At the end the model is saved with exit defaults chosen on validation, ``split.json`` and a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AlbertConfig
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from elbert_stream.data import DEFAULT_SEED, Dataset, load_dataset, stratified_split, write_split
+from elbert_stream.errors import ConfigError
+from elbert_stream.model import ElbertModel, load_tokenizer
+from elbert_stream.scoring import all_depth_probs, choose_exit_defaults, depth_accuracy, encode
+
+log = logging.getLogger(__name__)
+
+SMALL_CONFIGS: dict[str, dict[str, int]] = {
+    "albert-tiny": {
+        "embedding_size": 128,
+        "hidden_size": 256,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+    },
+    "albert-small": {
+        "embedding_size": 128,
+        "hidden_size": 384,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536,
+    },
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved in the checkpoint and the model card)."""
+
+    out: str = "elbert-out"
+    init: str = "albert-tiny"  # ALBERT dir | SMALL_CONFIGS name | "minilm"
+    tokenizer: str | None = None  # dir with tokenizer files; None = from init or SentencePiece
+    data: str = "bbc"
+    text_column: str = "text"
+    label_column: str = "label"
+    split_seed: int = DEFAULT_SEED
+    seed: int = 0
+    num_layers: int = 12
+    minilm_layer: int = 2
+    pooling: str = "cls"
+    max_length: int = 128
+    epochs: int = 3
+    max_steps: int | None = None
+    batch_size: int = 16
+    lr: float = 1e-4
+    head_lr: float = 1e-3
+    depth_lr: float = 1e-2
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    trim_vocab: bool = False
+    save_dtype: str = "float16"
+    max_loss_points: float = 0.5
+    threads: int | None = None
+    keep_checkpoint: bool = False
+    checkpoint_every: int = 50  # steps; also at every epoch end
+    name: str = "elbert"
+    version: str = "0"
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "bbc-minilm": dict(
+        init="minilm",
+        data="bbc",
+        minilm_layer=2,
+        pooling="mean",
+        num_layers=12,
+        epochs=2,
+        batch_size=16,
+        lr=1e-4,
+        head_lr=1e-3,
+        depth_lr=1e-2,
+        max_length=128,
+        trim_vocab=True,
+        threads=1,
+        name="bbc-elbert",
+        version="1",
+    ),
+}
+
+
+def elbert_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits ``[L, B, K]``, labels ``[B]``, weights ``[L]`` -> (sum_i w_i CE_i, CE per depth ``[L]``)."""
+    num_layers, b, k = logits.shape
+    ce = nn.functional.cross_entropy(
+        logits.reshape(-1, k).float(), labels.repeat(num_layers), reduction="none"
+    )
+    ce = ce.view(num_layers, b).mean(1)  # [L]
+    return (weights * ce).sum(), ce.detach()
+
+
+# ---- initialisation ---------------------------------------------------------------------------
+def init_model(
+    cfg: TrainConfig, data: Dataset, train_texts: list[str]
+) -> tuple[ElbertModel, PreTrainedTokenizerBase]:
+    """The model + tokenizer a run starts from (deterministic in cfg and data)."""
+    names = data.label_names
+    if cfg.init == "minilm":
+        from elbert_stream.convert import bert_to_elbert, minilm_dir, trim_vocab
+
+        model, tok = bert_to_elbert(minilm_dir(), cfg.minilm_layer, cfg.num_layers, names, cfg.pooling)
+        if cfg.trim_vocab:
+            tok = trim_vocab(model, tok, data.texts)
+    elif cfg.init in SMALL_CONFIGS:
+        tok = (
+            load_tokenizer(cfg.tokenizer)
+            if cfg.tokenizer
+            else train_sentencepiece(train_texts, Path(cfg.out))
+        )
+        kwargs: dict[str, Any] = dict(
+            vocab_size=len(tok),
+            num_hidden_layers=cfg.num_layers,
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            pad_token_id=tok.pad_token_id,
+            max_position_embeddings=max(512, cfg.max_length),
+            **SMALL_CONFIGS[cfg.init],
+        )
+        config = AlbertConfig(**kwargs)
+        config.elbert = {"pooling": cfg.pooling}
+        model = ElbertModel(config)
+    elif Path(cfg.init).is_dir():
+        model = ElbertModel.from_pretrained(cfg.init, label_names=names)
+        model.extras.pooling = cfg.pooling  # type: ignore[assignment]
+        tok = load_tokenizer(cfg.tokenizer or cfg.init)
+    else:
+        raise ConfigError(f"--init {cfg.init!r} is neither an ALBERT dir nor one of {sorted(SMALL_CONFIGS)}")
+    model.extras.name, model.extras.version = cfg.name, cfg.version
+    return model, tok
+
+
+def train_sentencepiece(texts: list[str], out: Path, vocab_size: int = 8000) -> PreTrainedTokenizerBase:
+    """A SentencePiece unigram model trained on ``texts``, saved as ``spiece.model`` and wrapped as an
+    ALBERT tokenizer built from its (piece, score) list."""
+    import sentencepiece as spm
+    from transformers import AlbertTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / "spiece"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        pad_piece="<pad>",
+        unk_piece="<unk>",
+        bos_piece="[CLS]",
+        eos_piece="[SEP]",
+        user_defined_symbols=["[MASK]"],
+        normalization_rule_name="nmt_nfkc_cf",
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    (out / "spiece.vocab").unlink(missing_ok=True)
+    return AlbertTokenizer(vocab=vocab)
+
+
+def make_optimizer(
+    model: ElbertModel, cfg: TrainConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW: encoder (lr), exit head (head_lr), depth logits t (depth_lr, no decay); linear warmup/decay."""
+    head = {id(p) for m in (model.pooler, model.classifier) for p in m.parameters()}
+    groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "head": []}
+    for name, p in model.named_parameters():
+        if name == "depth_logits":
+            continue
+        key = "head" if id(p) in head else ("no_decay" if p.ndim < 2 else "decay")
+        groups[key].append(p)
+    opt = torch.optim.AdamW(
+        [
+            {"params": groups["decay"], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+            {"params": groups["no_decay"], "lr": cfg.lr, "weight_decay": 0.0},
+            {"params": groups["head"], "lr": cfg.head_lr, "weight_decay": cfg.weight_decay},
+            {"params": [model.depth_logits], "lr": cfg.depth_lr, "weight_decay": 0.0},
+        ]
+    )
+    warm = max(1, int(cfg.warmup * total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm)))
+    )
+    return opt, sched
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    model: ElbertModel
+    tokenizer: PreTrainedTokenizerBase
+    val_depth_accuracy: list[float]
+    train_seconds: float
+    steps: int
+
+
+def _checkpoint_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.out) / "checkpoint" / "state.pt"
+
+
+def _save_checkpoint(
+    cfg: TrainConfig, model: ElbertModel, opt: Any, sched: Any, step: int, elapsed: float
+) -> None:
+    path = _checkpoint_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "step": step,
+            "elapsed_s": elapsed,
+            "config": asdict(cfg),
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = None) -> TrainResult:
+    """Run (or resume) training; returns the trained model with validation accuracy per depth.
+
+    ``stop_at_step`` ends the run early (checkpointed) as an interruption would; ``resume`` goes on.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
+    split = stratified_split(data.labels, cfg.split_seed)
+    train_set, val_set = data.subset(split["train"]), data.subset(split["val"])
+    model, tok = init_model(cfg, data, train_set.texts)
+    ids, mask = encode(tok, train_set.texts, cfg.max_length)  # [N, T]
+    labels = torch.tensor(train_set.labels)  # [N]
+    val_ids, val_mask = encode(tok, val_set.texts, cfg.max_length)
+    val_labels = torch.tensor(val_set.labels)
+    per_epoch = -(-len(train_set) // cfg.batch_size)
+    total = cfg.max_steps or cfg.epochs * per_epoch
+    opt, sched = make_optimizer(model, cfg, total)
+    step, elapsed = 0, 0.0
+    if resume and _checkpoint_path(cfg).is_file():
+        state = torch.load(_checkpoint_path(cfg), weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        log.info("resumed from %s at step %d", _checkpoint_path(cfg), step)
+    elif resume:
+        log.warning("--resume: no checkpoint at %s; starting fresh", _checkpoint_path(cfg))
+    val_acc = _loop(
+        cfg,
+        model,
+        (ids, mask, labels),
+        (val_ids, val_mask, val_labels),
+        opt,
+        sched,
+        step,
+        min(total, stop_at_step or total),
+        total,
+        elapsed,
+    )
+    return TrainResult(model, tok, val_acc[0], val_acc[1], total)
+
+
+def _loop(
+    cfg: TrainConfig,
+    model: ElbertModel,
+    train_t: tuple,
+    val_t: tuple,
+    opt: Any,
+    sched: Any,
+    step: int,
+    stop: int,
+    total: int,
+    elapsed: float,
+) -> tuple[list[float], float]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    ids, mask, labels = train_t
+    n, per_epoch = ids.shape[0], -(-ids.shape[0] // cfg.batch_size)
+    val_acc: list[float] = []
+    start = time.perf_counter() - elapsed
+    cols = (
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*cols, transient=False) as bar:
+        task = bar.add_task("", total=total, completed=step)
+        while step < stop:
+            epoch, offset = divmod(step, per_epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+            model.train()
+            for b in range(offset, per_epoch):
+                if step >= stop:
+                    break
+                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks: resumable
+                logits = model(ids[idx].to(model.device), mask[idx].to(model.device))  # [L, b, K]
+                loss, ce = elbert_loss(logits, labels[idx].to(model.device), model.depth_weights())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                step += 1
+                bar.update(task, advance=1, description=f"loss {loss.item():.3f} ce@L {ce[-1].item():.3f}")
+                if step % cfg.checkpoint_every == 0 and step < stop:
+                    _save_checkpoint(cfg, model, opt, sched, step, time.perf_counter() - start)
+                if step % 20 == 0:
+                    log.info(
+                        "step %d/%d loss %.4f CE first/last %.3f/%.3f w_L %.3f",
+                        step,
+                        total,
+                        loss.item(),
+                        ce[0].item(),
+                        ce[-1].item(),
+                        model.depth_weights()[-1].item(),
+                    )
+            val_acc = depth_accuracy(all_depth_probs(model, *val_t[:2]), val_t[2])
+            log.info(
+                "epoch %d (step %d) val accuracy per depth: %s",
+                epoch + 1,
+                step,
+                " ".join(f"{a * 100:.1f}" for a in val_acc),
+            )
+            _save_checkpoint(cfg, model, opt, sched, step, time.perf_counter() - start)
+    return val_acc, time.perf_counter() - start
+
+
+def finish(cfg: TrainConfig, result: TrainResult) -> Path:
+    """Choose exit defaults on validation, save the model dir (+ split.json, MODEL_CARD.md)."""
+    from elbert_stream.model_card import write_model_card
+
+    data = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
+    split = stratified_split(data.labels, cfg.split_seed)
+    model, tok = result.model, result.tokenizer
+    probs = {}
+    for name in ("val", "test"):
+        part = data.subset(split[name])
+        probs[name] = (
+            all_depth_probs(model, *encode(tok, part.texts, cfg.max_length)),
+            torch.tensor(part.labels),
+        )
+    defaults, score = choose_exit_defaults(*probs["val"], max_loss_points=cfg.max_loss_points)
+    model.extras.exit = defaults
+    log.info(
+        "exit defaults chosen on validation: %s (val acc %.4f, mean depth %.2f)",
+        defaults,
+        score.accuracy,
+        score.mean_exit_depth,
+    )
+    out = Path(cfg.out)
+    dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.save_dtype]
+    model.save_pretrained(out, tokenizer=tok, dtype=dtype)
+    write_split(out / "split.json", data, split, cfg.split_seed, cfg.data)
+    write_model_card(out, cfg, model, probs, result.train_seconds, result.steps)
+    if not cfg.keep_checkpoint:
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    return out
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def add_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser("train", help="fine-tune an ELBERT model (ELBERT loss, learned depth weights)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe; other flags override it")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/state.pt")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            conv = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=conv, default=None, help=f"default: {f.default}")
+    p.set_defaults(func=_run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig(**RECIPES[args.recipe]) if args.recipe else TrainConfig()
+    given = {
+        f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None
+    }
+    return replace(cfg, **given)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    log.info("training with %s", cfg)
+    result = train(cfg, resume=args.resume)
+    out = finish(cfg, result)
+    log.info("saved %s; training took %.1f s (%d steps)", out, result.train_seconds, result.steps)
+    return 0

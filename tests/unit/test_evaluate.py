@@ -1,0 +1,120 @@
+"""``elbert-stream evaluate`` / ``classify`` on a tiny random model, and the frontier helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_elbert import LABELS, save_tiny_model_dir, write_labelled_jsonl
+
+from elbert_stream.cli import main
+from elbert_stream.evaluate import classify_text, frontier, interpolate
+from elbert_stream.exit_policy import POLICIES, ExitPolicy, exit_depths_offline
+from elbert_stream.model import ElbertModel, load_tokenizer
+from elbert_stream.scoring import PolicyScore, all_depth_probs, choose_exit_defaults, encode
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path):
+    return save_tiny_model_dir(tmp_path / "model", num_layers=4, pooling="mean")
+
+
+def test_evaluate_writes_required_json_markdown_and_plots(tiny_dir, tmp_path) -> None:
+    test = write_labelled_jsonl(tmp_path / "test.jsonl", n=24, seed=1)
+    val = write_labelled_jsonl(tmp_path / "val.jsonl", n=18, seed=2)
+    out = tmp_path / "results"
+    rc = main(
+        ["evaluate", "--model", str(tiny_dir), "--data", str(test), "--val-data", str(val), "--out", str(out)]
+    )
+    assert rc == 0
+    report = json.loads((out / "accuracy.json").read_text())
+    assert report["command"].startswith("elbert-stream ") and "evaluate" in report["command"]
+    assert 0.0 <= report["full_depth_accuracy"] <= 1.0 and report["n_test"] == 24 and report["n_val"] == 18
+    assert set(report["policies"]) == set(POLICIES)
+    for name, p in report["policies"].items():
+        assert {"thresholds", "accuracy", "mean_exit_depth", "speedup", "exit_depth_histogram"} <= set(p), (
+            name
+        )
+        assert sum(p["exit_depth_histogram"]) == 24 and 1.0 <= p["mean_exit_depth"] <= 4.0
+        assert p["speedup"] == pytest.approx(4 / p["mean_exit_depth"])
+    assert report["policies"]["none"]["mean_exit_depth"] == 4.0
+    assert report["policies"]["none"]["accuracy"] == report["full_depth_accuracy"]
+    base = report["baselines"]
+    assert base["hf_encoder_vs_full_depth_max_abs_prob_diff"] < 1e-5  # HF's encoder = our L applications
+    assert "hf_albert_for_sequence_classification_accuracy" in base
+    assert len(report["equal_depth_comparison"]["rows"]) > 0
+    assert "| confidence_window |" in (out / "accuracy.md").read_text()
+    for png in ("accuracy_frontier.png", "exit_depth_histogram.png", "confidence_trajectories.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hf_baseline_equals_full_depth_for_cls_pooling(tmp_path) -> None:
+    from elbert_stream.evaluate import hf_baseline
+
+    model = ElbertModel.from_pretrained(save_tiny_model_dir(tmp_path / "m", num_layers=3, pooling="cls"))
+    ids, mask = encode(load_tokenizer(tmp_path / "m"), ["market shares", "a goal in the match today"], 16)
+    probs = all_depth_probs(model, ids, mask)
+    labels = probs[-1].argmax(-1)
+    base = hf_baseline(model, ids, mask, labels, probs[-1])
+    assert base["hf_albert_for_sequence_classification_accuracy"] == 1.0  # same predictions as ours
+
+
+def test_classify_json_lines_from_stdin(tiny_dir, capsys, monkeypatch) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("market shares rose\n\nthe film music\n"))
+    assert main(["classify", "--json", "--model", str(tiny_dir), "--policy", "none"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2
+    for obj in lines:
+        assert obj["label"] in LABELS and obj["exit_depth"] == 4 and obj["exit_reason"] == "max_depth"
+        assert len(obj["trace"]) == 4 and len(obj["probabilities"]) == 3
+        assert sum(obj["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_classify_text_exit_matches_offline_policy(tiny_dir) -> None:
+    model, tok = ElbertModel.from_pretrained(tiny_dir), load_tokenizer(tiny_dir)
+    texts = ["market shares vote", "goal match", "phone chip film music party"]
+    probs = all_depth_probs(model, *encode(tok, texts, 32))  # [L, N, K]
+    for policy in (
+        ExitPolicy("patience", 4, patience=1),
+        ExitPolicy("confidence_window", 4, tau=0.9, window=2),
+    ):
+        depth, _ = exit_depths_offline(policy, probs)
+        for i, text in enumerate(texts):
+            pred = classify_text(model, tok, policy, text, 32)
+            assert pred.exit_depth == int(depth[i]) and len(pred.trace) == pred.exit_depth
+            assert pred.label_index == int(probs[depth[i] - 1, i].argmax())
+            assert pred.probabilities == pytest.approx(probs[depth[i] - 1, i].tolist(), abs=1e-5)
+
+
+def test_text_output_names_label_and_depth(tiny_dir, capsys) -> None:
+    assert main(["classify", "--model", str(tiny_dir), "market shares"]) == 0
+    out = capsys.readouterr().out
+    assert "exit_depth=" in out and out.split("\t")[0] in LABELS
+
+
+def test_frontier_and_interpolation() -> None:
+    def s(depth: float, acc: float) -> PolicyScore:
+        return PolicyScore({}, acc, depth, 12 / depth, [], {})
+
+    front = frontier([s(2, 0.8), s(3, 0.9), s(3, 0.85), s(4, 0.88), s(6, 0.95)])
+    assert front == [(2, 0.8), (3, 0.9), (6, 0.95)]
+    assert interpolate(front, 1.0) is None
+    assert interpolate(front, 2.5) == pytest.approx(0.85)
+    assert interpolate(front, 7.0) == 0.95
+
+
+def test_choose_exit_defaults_respects_loss_budget() -> None:
+    # 3 depths, 4 samples: depth 1 confidently wrong on the last sample, depths 2-3 all right
+    labels = torch.tensor([0, 1, 0, 1])
+    probs = torch.zeros(3, 4, 2)
+    probs[..., 0] = torch.tensor(
+        [[0.95, 0.05, 0.95, 0.9], [0.95, 0.05, 0.95, 0.05], [0.95, 0.05, 0.95, 0.05]]
+    )
+    probs[..., 1] = 1 - probs[..., 0]
+    _, strict = choose_exit_defaults(probs, labels, max_loss_points=0.0)
+    assert strict.accuracy == 1.0 and strict.mean_exit_depth == pytest.approx(1.25)
+    _, loose = choose_exit_defaults(probs, labels, max_loss_points=30.0)
+    assert loose.mean_exit_depth == 1.0 and loose.accuracy == 0.75

@@ -1,0 +1,140 @@
+"""ElbertModel: parity with transformers' ALBERT at every depth, persistence, loading errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from tiny_elbert import LABELS, save_tiny_model_dir, tiny_model, tiny_tokenizer
+from transformers import AlbertForSequenceClassification
+
+from elbert_stream.errors import ModelLoadError
+from elbert_stream.model import ElbertModel, load_tokenizer, shipped_model_dir
+
+
+def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tiny_tokenizer()(
+        ["market shares vote", "goal", "a film about music and a phone chip"],
+        padding=True,
+        return_tensors="pt",
+    )
+    assert enc["attention_mask"].sum(1).unique().numel() == 3  # mixed lengths, really padded
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_every_depth_matches_transformers_albert_for_sequence_classification() -> None:
+    model = tiny_model(num_layers=5, pooling="cls")
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        ours = model(ids, mask)  # [L, B, K]
+    assert ours.shape == (5, 3, len(LABELS))
+    state = model.hf_model.state_dict()
+    for depth in range(1, 6):
+        config = copy.deepcopy(model.config)
+        config.num_hidden_layers = depth
+        config._attn_implementation = "eager"
+        hf = AlbertForSequenceClassification(config).eval()
+        hf.load_state_dict(state)
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=mask).logits  # [B, K]
+        torch.testing.assert_close(ours[depth - 1], ref, atol=1e-5, rtol=0)
+
+
+def test_step_api_equals_forward() -> None:
+    model = tiny_model(num_layers=3, pooling="mean")
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        hidden = model.embed(ids, mask)
+        steps = []
+        for _ in range(3):
+            hidden = model.layer(hidden, mask)
+            steps.append(model.classify(hidden, mask))
+        torch.testing.assert_close(torch.stack(steps), model(ids, mask), atol=1e-6, rtol=0)
+
+
+def test_save_load_round_trip_keeps_elbert_block_and_depth_logits(tmp_path) -> None:
+    model = tiny_model(num_layers=4, pooling="mean")
+    with torch.no_grad():
+        model.depth_logits.copy_(torch.tensor([1.5, -0.5, 2.0]))
+    model.extras.exit.tau = 0.25
+    model.extras.name = "tiny"
+    model.save_pretrained(tmp_path, tokenizer=tiny_tokenizer())
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "albert"
+    assert saved["elbert"]["depth_logits"] == pytest.approx([1.5, -0.5, 2.0])
+    loaded = ElbertModel.from_pretrained(tmp_path)
+    assert loaded.extras.pooling == "mean" and loaded.extras.exit.tau == 0.25 and loaded.extras.name == "tiny"
+    torch.testing.assert_close(loaded.depth_logits.detach(), torch.tensor([1.5, -0.5, 2.0]))
+    assert loaded.label_names == LABELS
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask), model(ids, mask))
+    tok = load_tokenizer(tmp_path)
+    assert tok("market shares")["input_ids"] == tiny_tokenizer()("market shares")["input_ids"]
+
+
+def test_save_in_float16_loads_as_float32_close(tmp_path) -> None:
+    model = tiny_model(num_layers=2)
+    model.save_pretrained(tmp_path, dtype=torch.float16)
+    loaded = ElbertModel.from_pretrained(tmp_path)
+    assert loaded.dtype == torch.float32 and model.dtype == torch.float32
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask), model(ids, mask), atol=2e-2, rtol=0)
+
+
+def test_albert_model_only_checkpoint_gets_classifier_with_warning(tmp_path, caplog) -> None:
+    model = tiny_model(num_layers=2)
+    model.hf_model.albert.save_pretrained(tmp_path)  # an AlbertModel: no classifier
+    with caplog.at_level(logging.WARNING, logger="elbert_stream.model"):
+        loaded = ElbertModel.from_pretrained(tmp_path, label_names=["x", "y"])
+    assert loaded.num_labels == 2 and loaded.label_names == ["x", "y"]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "classifier.weight" in warned and "no classifier" in warned
+    torch.testing.assert_close(loaded.shared_layer.ffn.weight, model.shared_layer.ffn.weight)
+
+
+def test_bad_dirs_raise_model_load_error(tmp_path) -> None:
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        ElbertModel.from_pretrained(tmp_path / "missing")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="cannot read ALBERT config"):
+        ElbertModel.from_pretrained(tmp_path)
+    save_tiny_model_dir(tmp_path / "ok")
+    (tmp_path / "ok" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ModelLoadError, match="cannot load ALBERT weights"):
+        ElbertModel.from_pretrained(tmp_path / "ok")
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        load_tokenizer(tmp_path / "missing")
+
+
+def _shipped_or_skip():
+    try:
+        return shipped_model_dir()
+    except ModelLoadError:
+        pytest.skip("shipped model not built yet (make model)")
+
+
+def test_shipped_model_is_an_ordinary_albert_dir_and_small() -> None:
+    path = _shipped_or_skip()
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "albert" and config["num_hidden_layers"] == 12
+    assert config["elbert"]["exit"]["policy"] == "confidence_window"
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 30 * 2**20, f"shipped model dir is {size / 2**20:.1f} MiB"
+
+
+@pytest.mark.slow
+def test_shipped_model_full_depth_accuracy_on_test_slice() -> None:
+    from elbert_stream.data import load_bbc, read_split
+    from elbert_stream.scoring import all_depth_probs, depth_accuracy, encode
+
+    path = _shipped_or_skip()
+    model, tok = ElbertModel.from_pretrained(path), load_tokenizer(path)
+    test = read_split(path / "split.json", load_bbc())["test"].subset(range(0, 223, 3))
+    probs = all_depth_probs(model, *encode(tok, test.texts, 128))
+    acc = depth_accuracy(probs, torch.tensor(test.labels))
+    assert acc[-1] >= 0.95, acc
