@@ -11,10 +11,11 @@ This is the only module that imports Ray. A replica:
 * runs on whatever ``ray_actor_options`` gave it: ``model.device="auto"`` picks CUDA when Ray
   assigned a GPU, and torch uses as many threads as Ray assigned CPUs.
 
-``reconfigure(user_config)``: the ``exit`` section applies live (between engine steps, no restart;
-``autoscaling`` is accepted too but only the controller-side policy reads its own kwargs). A change to ``model``, ``engine``, ``kafka`` or ``telemetry`` restarts the
-worker inside the replica: the old one drains (finish in-flight, flush, commit), then a new engine
-and worker start. ``check_health`` raises once the worker has died, so Serve replaces the replica.
+``reconfigure(user_config)``: the ``exit`` section applies live (between engine steps, no
+restart; ``autoscaling`` is accepted too, but only the controller-side policy's kwargs drive
+scaling). A change to ``model``, ``engine``, ``kafka`` or ``telemetry`` restarts the worker inside
+the replica: the old one drains (finish in-flight, flush, commit), then a new engine and worker
+start. ``check_health`` raises once the worker has died, so Serve replaces the replica.
 ``__del__`` (Serve's graceful stop) drains within ``graceful_shutdown_timeout_s``.
 
 Kafka static membership: every replica consumes with ``group_instance_id =
