@@ -34,6 +34,7 @@ from elbert_stream.scoring import (
     choose_exit_defaults,
     depth_accuracy,
     encode,
+    policy_from_defaults,
     policy_grid,
     score_policy,
 )
@@ -113,15 +114,7 @@ def evaluate_policies(
     full = float((test[0][-1].argmax(-1) == test[1]).float().mean())
     for name in POLICIES:
         defaults, val_score = choose_exit_defaults(*val, max_loss_points=max_loss_points, policy=name)
-        policy = ExitPolicy(
-            name,
-            model.num_layers,
-            tau=defaults.tau,
-            window=defaults.window,
-            patience=defaults.patience,
-            require_rising=defaults.require_rising,
-            min_depth=defaults.min_depth,
-        )
+        policy = policy_from_defaults(defaults, model.num_layers)
         s = score_policy(policy, *test)
         grid = [score_policy(p, *test) for p in policy_grid(name, model.num_layers)]
         out[name] = {
@@ -207,15 +200,7 @@ def run_evaluation(
     test = (all_depth_probs(model, t_ids, t_mask), _labels_for(model, test_set))
     policies = evaluate_policies(model, val, test, max_loss_points)
     d = model.extras.exit
-    saved = ExitPolicy(
-        d.policy,
-        model.num_layers,
-        tau=d.tau,
-        window=d.window,
-        patience=d.patience,
-        require_rising=d.require_rising,
-        min_depth=d.min_depth,
-    )
+    saved = policy_from_defaults(d, model.num_layers)
     report = {
         "model": model.extras.name,
         "model_version": model.extras.version,
@@ -286,6 +271,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = Path(args.model) if args.model else None
     model = ElbertModel.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -347,16 +334,14 @@ def classify_text(
 def _classify(args: argparse.Namespace) -> int:
     model = ElbertModel.from_pretrained(args.model)
     tokenizer = load_tokenizer(args.model)
-    d = model.extras.exit
-    policy = ExitPolicy(
-        args.policy or d.policy,
-        model.num_layers,
-        tau=d.tau if args.tau is None else args.tau,
-        window=args.window or d.window,
-        patience=args.patience or d.patience,
-        require_rising=d.require_rising,
-        min_depth=min(args.min_depth or d.min_depth, model.num_layers),
-    )
+    overrides = {
+        k: getattr(args, k)
+        for k in ("tau", "window", "patience", "min_depth")
+        if getattr(args, k) is not None
+    }
+    if args.policy:
+        overrides["name"] = args.policy
+    policy = policy_from_defaults(model.extras.exit, model.num_layers).with_params(**overrides)
     texts = args.text or (line.rstrip("\n") for line in sys.stdin)
     for text in texts:
         if not text.strip():
@@ -387,6 +372,7 @@ def add_cli(subparsers: Any) -> None:
     )
     p.add_argument("--out", default="bench/results", help="output folder")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_evaluate)
     c = subparsers.add_parser("classify", help="classify texts (args or one per stdin line) with early exit")

@@ -53,6 +53,19 @@ def all_depth_probs(
     return torch.cat(out, dim=1)  # [L, N, K]
 
 
+def policy_from_defaults(defaults: ExitDefaults, num_layers: int) -> ExitPolicy:
+    """The ``ExitPolicy`` a model's saved exit defaults describe."""
+    return ExitPolicy(
+        defaults.policy,
+        num_layers,
+        tau=defaults.tau,
+        window=defaults.window,
+        patience=defaults.patience,
+        require_rising=defaults.require_rising,
+        min_depth=min(defaults.min_depth, num_layers),
+    )
+
+
 def depth_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> list[float]:
     """Accuracy at each depth: ``[L, N, K]`` probs, ``[N]`` labels -> L floats in [0, 1]."""
     return [float(x) for x in (probs.argmax(-1) == labels[None]).float().mean(1)]
