@@ -399,6 +399,36 @@ def replica_actor_names(app_name: str) -> list[str]:
                   if a["name"].startswith(prefix))
 
 
+def wait_until_consuming(app_name: str, http_port: int, route_prefix: str = "/", *, num_replicas: int,
+                         timeout_s: float = 45.0) -> set[str]:
+    """Poll ``GET {route_prefix}/stats`` until ``num_replicas`` live replicas together own every
+    input partition; returns their replica tags. Raises ElbertError on timeout."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{http_port}{route_prefix.rstrip('/')}/stats"
+    seen: dict[str, tuple[int, int]] = {}  # replica -> (assigned, total)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                body = json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            body = {}
+        worker = body.get("worker") or {}
+        if worker:
+            seen[body["replica_id"]] = (worker["num_partitions_assigned"], worker["total_input_partitions"])
+        live = {name.rsplit("#", 1)[-1] for name in replica_actor_names(app_name)}
+        owners = {r for r, (n, _) in seen.items() if n > 0 and r in live}
+        total = max((t for _, t in seen.values()), default=0)
+        if len(owners) == num_replicas and total and sum(seen[r][0] for r in owners) == total:
+            return owners
+        time.sleep(0.3)
+    raise ElbertError(f"{num_replicas} replicas of {app_name!r} did not own all partitions within "
+                      f"{timeout_s}s; last seen {seen}")
+
+
 def kill_replica(actor_name: str) -> None:
     """Kill one replica's actor at once (no graceful drain): what a crash looks like to Kafka."""
     import ray

@@ -40,20 +40,8 @@ def stream(kafka_bootstrap: str, tiny_model_dir: Path, http_port: int) -> Iterat
     s.delete()
 
 
-def wait_assigned(s: Stream, num_replicas: int, partitions: int = 4, timeout_s: float = 45.0) -> set[str]:
-    """Poll GET /stats until ``num_replicas`` replicas together own all partitions."""
-    seen: dict[str, int] = {}
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        code, body = s.http("GET", "/stats")
-        if code == 200 and body["worker"]:
-            seen[body["replica_id"]] = body["worker"]["num_partitions_assigned"]
-            live = set(deployment.replica_actor_names(s.name))
-            owners = {r for r, n in seen.items() if n > 0 and any(a.endswith(r) for a in live)}
-            if len(owners) == num_replicas and sum(seen[r] for r in owners) == partitions:
-                return owners
-        time.sleep(0.3)
-    raise AssertionError(f"{num_replicas} replicas never owned {partitions} partitions: {seen}")
+def wait_assigned(s: Stream, num_replicas: int) -> set[str]:
+    return deployment.wait_until_consuming(s.name, s.http_port, s.route, num_replicas=num_replicas)
 
 
 def replica_ids(acc) -> set[str]:  # type: ignore[no-untyped-def]
