@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 from transformers import AlbertConfig, AlbertForSequenceClassification, AutoTokenizer
+from transformers.models.albert.modeling_albert import AlbertLayerGroup
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from elbert_stream.errors import ModelLoadError
@@ -81,7 +81,7 @@ def check_albert_config(config: AlbertConfig) -> None:
             "ELBERT needs one shared layer; got num_hidden_groups="
             f"{config.num_hidden_groups}, inner_group_num={config.inner_group_num}"
         )
-    if config.num_labels < 2:
+    if (config.num_labels or 0) < 2:
         raise ModelLoadError(f"ELBERT classifies into K >= 2 classes; got num_labels={config.num_labels}")
 
 
@@ -97,19 +97,21 @@ class ElbertModel(nn.Module):
         self.config = config
         self.extras = ElbertExtras.from_config(config)
         albert = hf.albert
-        self.embeddings = albert.embeddings
-        self.mapping_in = albert.encoder.embedding_hidden_mapping_in
-        self.shared_layer = albert.encoder.albert_layer_groups[0].albert_layers[0]
+        self.embeddings: nn.Module = albert.embeddings
+        self.mapping_in: nn.Module = albert.encoder.embedding_hidden_mapping_in
+        group = cast(AlbertLayerGroup, albert.encoder.albert_layer_groups[0])
+        self.shared_layer: nn.Module = group.albert_layers[0]
         if albert.pooler is None:
             raise ModelLoadError("checkpoint has no pooler; ELBERT's exit head needs one")
-        self.pooler = albert.pooler
-        self.dropout = hf.dropout
-        self.classifier = hf.classifier
+        self.pooler: nn.Linear = albert.pooler
+        self.dropout: nn.Module = hf.dropout
+        self.classifier: nn.Linear = hf.classifier
         self._hf = [hf]  # kept out of the module tree: same parameters, for save/parity
         num_layers = config.num_hidden_layers
         init = self.extras.depth_logits or [DEPTH_LOGIT_INIT] * (num_layers - 1)
         if len(init) != num_layers - 1:
-            raise ModelLoadError(f"config.elbert.depth_logits has {len(init)} values, expected {num_layers - 1}")
+            raise ModelLoadError(
+                f"config.elbert.depth_logits has {len(init)} values, expected {num_layers - 1}")
         # t_i for i < L; w_L is derived (see depth_weights)
         self.depth_logits = nn.Parameter(torch.tensor(init, dtype=torch.float32))
 
@@ -120,11 +122,12 @@ class ElbertModel(nn.Module):
 
     @property
     def num_labels(self) -> int:
-        return int(self.config.num_labels)
+        return int(self.config.num_labels or 0)
 
     @property
     def label_names(self) -> list[str]:
-        return [str(self.config.id2label[i]) for i in range(self.num_labels)]
+        id2label = cast(dict[int, str], self.config.id2label)
+        return [str(id2label[i]) for i in range(self.num_labels)]
 
     @property
     def max_positions(self) -> int:
@@ -230,16 +233,17 @@ class ElbertModel(nn.Module):
             config.id2label = dict(enumerate(label_names))
             config.label2id = {n: i for i, n in enumerate(label_names)}
         check_albert_config(config)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                hf, info = AlbertForSequenceClassification.from_pretrained(
-                    path, config=config, local_files_only=True, attn_implementation="sdpa",
-                    output_loading_info=True, dtype=torch.float32,
-                )
-            except Exception as e:  # noqa: BLE001
-                raise ModelLoadError(f"cannot load ALBERT weights from {str(path)!r}: {e}") from e
-        missing = [k for k in info.get("missing_keys", []) if not k.startswith("albert.embeddings.position_ids")]
+        try:
+            loaded: Any = AlbertForSequenceClassification.from_pretrained(
+                path, config=config, local_files_only=True, attn_implementation="sdpa",
+                output_loading_info=True, dtype=torch.float32,
+            )
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(f"cannot load ALBERT weights from {str(path)!r}: {e}") from e
+        hf: AlbertForSequenceClassification = loaded[0]
+        info: dict[str, list[str]] = loaded[1]
+        missing = [k for k in info.get("missing_keys", [])
+                   if not k.startswith("albert.embeddings.position_ids")]
         head_missing = [k for k in missing if k.startswith("classifier")]
         if head_missing:
             log.warning("checkpoint %s has no classifier (%s): initialised at random; fine-tune it",
@@ -247,7 +251,6 @@ class ElbertModel(nn.Module):
         other = [k for k in missing if not k.startswith("classifier")]
         if other:
             raise ModelLoadError(f"checkpoint {str(path)!r} lacks weights: {sorted(other)[:8]}")
-        del caught
         model = cls(config, hf)
         model.eval()
         return model.to(device=device, dtype=dtype)
