@@ -65,6 +65,9 @@ class KafkaSettings(BaseModel):
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     transactional_id_prefix: str = "elbert-stream"
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    delivery_timeout_ms: int = Field(
+        120_000, ge=1000, description="producer retries a send this long (ms); past it the worker fails"
+    )
     # security
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None

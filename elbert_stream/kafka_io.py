@@ -174,25 +174,19 @@ class KafkaSource:
         log.info("partitions assigned: %s", sorted((t.topic, t.partition) for t in assigned))
 
     def lag(self) -> dict[TopicPartition, int | None]:
-        """{tp: end offset - position} per assigned partition; None where the broker's end offset is
-        below the position (Tansu 0.6 answers ListOffsets wrongly, so lag is not trustworthy there)."""
-        parts = list(self.consumer.assignment())
-        if not parts:
-            return {}
-        try:
-            ends = self.consumer.end_offsets(parts)
-        except kerrors.KafkaError as e:
-            log.debug("end_offsets failed: %r", e)
-            return {}
+        """{tp: high watermark - position} per assigned partition, from the high watermark the last
+        fetch response carried (no network call); None until a fetch answered. ListOffsets
+        (``end_offsets``) is not used: Tansu 0.6 answers it with the last batch's base offset + 1,
+        which is wrong whenever that batch holds more than one record. Stale while paused."""
         out: dict[TopicPartition, int | None] = {}
-        for ktp in parts:
+        for ktp in self.consumer.assignment():
+            high = self.consumer.highwater(ktp)
             try:
                 pos = self.consumer.position(ktp, timeout_ms=0)
             except kerrors.KafkaError:
                 pos = None
-            end = ends.get(ktp)
-            ok = pos is not None and end is not None and end >= pos
-            out[TopicPartition(ktp.topic, ktp.partition)] = end - pos if ok else None
+            ok = high is not None and pos is not None and high >= pos
+            out[TopicPartition(ktp.topic, ktp.partition)] = high - pos if ok else None
         return out
 
     def close(self, timeout_ms: int = 5000) -> None:
@@ -230,6 +224,7 @@ class KafkaSink:
         self._failures: list[_Failure] = []
         self._in_flight = 0
         cfg: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 2,
+                               "delivery_timeout_ms": settings.delivery_timeout_ms,
                                "compression_type": None if settings.compression_type == "none"
                                else settings.compression_type}
         cfg.update(producer_overrides)

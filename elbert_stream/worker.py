@@ -34,7 +34,7 @@ from elbert_stream.worker_support import LoopStats, SyncJob, SyncRef, tokenize_e
 
 log = logging.getLogger(__name__)
 STATS_EVERY_S = 0.25  # engine stats snapshot refresh
-LAG_EVERY_S = 5.0  # end_offsets is a network round trip
+LAG_EVERY_S = 1.0
 
 
 class Worker:

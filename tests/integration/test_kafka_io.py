@@ -1,0 +1,165 @@
+"""KafkaSource / KafkaSink against a real Tansu broker, and the Tansu facts the worker relies on
+(printed as ``[tansu] ...`` lines; docs/streaming.md quotes them)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from kafka import KafkaConsumer
+from kafka import TopicPartition as KTopicPartition
+from kafka_support import produce, read_all, wait_for
+
+from elbert_stream.broker import EmbeddedBroker
+from elbert_stream.config import KafkaSettings
+from elbert_stream.kafka_io import DeliveryError, KafkaSink, KafkaSource
+from elbert_stream.offsets import OffsetTracker, TopicPartition
+from elbert_stream.records import InputMessage, output_record
+from elbert_stream.request import DepthTrace, Prediction
+
+pytestmark = pytest.mark.integration
+
+
+def kafka_settings(bootstrap: str, topics: dict[str, str], **extra: object) -> KafkaSettings:
+    return KafkaSettings.model_validate({
+        "bootstrap_servers": bootstrap, "input_topics": [topics["input"]], "output_topic": topics["output"],
+        "dead_letter_topic": topics["dead"], "group_id": topics["group"], "session_timeout_ms": 6000,
+        "heartbeat_interval_ms": 1000, **extra})
+
+
+def poll_until(source: KafkaSource, n: int, timeout_s: float = 30.0) -> list[InputMessage]:
+    got: list[InputMessage] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < n and time.monotonic() < deadline:
+        got += source.poll(200)
+    return got
+
+
+def prediction(num_labels: int = 5) -> Prediction:
+    probs = [1.0 / num_labels] * num_labels
+    return Prediction(request_id="r", label="x", label_index=0, probabilities=probs, exit_depth=1,
+                      exit_reason="max_depth", trace=[DepthTrace(1, 0, probs[0], 1.0)], queue_s=0.0,
+                      compute_s=0.0)
+
+
+def test_group_join_static_rejoin_and_lag(kafka_bootstrap: str, topics: dict[str, str]) -> None:
+    items = [(f"k{i}".encode(), f"m{i}".encode(), {}) for i in range(40)]
+    sent = produce(kafka_bootstrap, topics["input"], items)
+    settings = kafka_settings(kafka_bootstrap, topics, group_instance_id="inst-0", max_poll_records=5)
+    t0 = time.monotonic()
+    source = KafkaSource(settings, OffsetTracker())
+    first = poll_until(source, 1)
+    join_s = time.monotonic() - t0
+    assert first and source.assignment() == {TopicPartition(topics["input"], p) for p in range(4)}
+    # lag: from the fetch high watermark, exact; None only before a fetch answered
+    ends = {p: 1 + max((r.offset for r in sent if r.partition == p), default=-1) for p in range(4)}
+    lag = source.lag()
+    for tp, value in lag.items():
+        position = source.consumer.position(next(t for t in source.consumer.assignment()
+                                                  if (t.topic, t.partition) == tp))
+        assert value is None or value == ends[tp.partition] - position, (tp, value, ends, position)
+    assert sum(v is not None for v in lag.values()) >= 1
+    raw_ends = source.consumer.end_offsets(list(source.consumer.assignment()))
+    source.close()
+    t1 = time.monotonic()
+    again = KafkaSource(settings, OffsetTracker())  # same static member: no LeaveGroup was sent
+    assert poll_until(again, 1)
+    rejoin_s = time.monotonic() - t1
+    again.close()
+    raw = sorted((t.partition, o) for t, o in raw_ends.items())
+    print(f"[tansu] join {join_s:.1f}s, static rejoin {rejoin_s:.1f}s, lag {dict(lag)}, "
+          f"end_offsets {raw} vs true {sorted(ends.items())}")
+    assert join_s < 3 * settings.session_timeout_ms / 1000
+
+
+def test_pause_stops_fetching_until_resume(kafka_bootstrap: str, topics: dict[str, str]) -> None:
+    produce(kafka_bootstrap, topics["input"], [(None, f"a{i}".encode(), {}) for i in range(8)])
+    source = KafkaSource(kafka_settings(kafka_bootstrap, topics), OffsetTracker())
+    try:
+        assert len(poll_until(source, 8)) == 8
+        source.pause()
+        produce(kafka_bootstrap, topics["input"], [(None, f"b{i}".encode(), {}) for i in range(8)])
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            assert source.poll(100) == []
+        source.resume()
+        assert len(poll_until(source, 8)) == 8
+    finally:
+        source.close()
+
+
+def test_sink_acks_advance_commits_and_rejected_output_is_dead_lettered(
+        kafka_bootstrap: str, topics: dict[str, str]) -> None:
+    settings = kafka_settings(kafka_bootstrap, topics)
+    tracker = OffsetTracker()
+    tp = (topics["input"], 0)
+    msgs = [InputMessage(topics["input"], 0, off, f"k{off}".encode(), b"v", [("traceparent", b"00-t-s-01")],
+                         epoch=tracker.track(tp, off) or 0) for off in range(3)]
+    sink = KafkaSink(settings, tracker, replica_id="r9", max_request_size=1200)
+    big = output_record(msgs[2], prediction(num_labels=200), model_name="m", model_version="1",
+                        replica_id="r9")
+    assert len(big.to_bytes()) > 1200
+    sink.send_dead_letter(msgs[1], "empty", "nothing there")
+    sink.send_output(msgs[2], big)  # too large for this producer: becomes a dead letter
+    sink.flush(10)
+    sink.raise_failures()
+    assert tracker.committable() == {}  # offset 0 not answered yet: nothing may be committed
+    sink.send_output(msgs[0], output_record(msgs[0], prediction(), model_name="m", model_version="1",
+                                            replica_id="r9"))
+    sink.flush(10)
+    sink.close()
+    assert tracker.committable() == {TopicPartition(*tp): 3}
+    got = read_all(kafka_bootstrap, [topics["output"], topics["dead"]], 3)
+    dead = {int(r.headers["elbert.source.offset"]): r for r in got[topics["dead"]]}
+    assert sorted(dead) == [1, 2] and dead[2].headers["elbert.reason"] == b"output_rejected"
+    assert dead[1].key == b"k1" and dead[1].value == b"v" and dead[1].headers["traceparent"] == b"00-t-s-01"
+    (out,) = got[topics["output"]]
+    assert out.key == b"k0" and out.headers == {"traceparent": b"00-t-s-01"}
+    assert sink.counts["ok"] == 1 and sink.counts["dead_letter"] == 2
+
+
+def test_undeliverable_output_is_fatal_and_never_committed(tmp_path: object) -> None:
+    with EmbeddedBroker() as broker:
+        names = {"input": "in", "output": "out", "dead": "dlq", "group": "g"}
+        broker.create_topics(["in", "out", "dlq"], 1)
+        tracker = OffsetTracker()
+        msg = InputMessage("in", 0, 0, None, b"v", [], epoch=tracker.track(("in", 0), 0) or 0)
+        settings = kafka_settings(broker.bootstrap, names, delivery_timeout_ms=3000)
+        sink = KafkaSink(settings, tracker, replica_id="r", request_timeout_ms=1000, retry_backoff_ms=100,
+                         reconnect_backoff_max_ms=200)
+        sink.producer.send("out", b"warm-up").get(10)  # producer id obtained while the broker was up
+        broker.stop()  # the broker is gone before the output is delivered
+        rec = output_record(msg, prediction(), model_name="m", model_version="1", replica_id="r")
+        sink.send_output(msg, rec)
+        assert wait_for(lambda: sink.in_flight == 0, 20)
+        with pytest.raises(DeliveryError, match=r"in\[0\]@0"):
+            sink.raise_failures()
+        assert tracker.committable() == {} and sink.counts["error"] == 1
+        sink.close(1)
+
+
+def test_commit_only_finished_offsets_on_interval(kafka_bootstrap: str, topics: dict[str, str]) -> None:
+    """maybe_commit commits the contiguous finished run per partition, on the interval or when forced."""
+    produce(kafka_bootstrap, topics["input"], [(None, f"c{i}".encode(), {}) for i in range(12)])
+    tracker = OffsetTracker()
+    source = KafkaSource(kafka_settings(kafka_bootstrap, topics, commit_interval_s=3600), tracker)
+    try:
+        msgs = poll_until(source, 12)
+        for m in msgs:
+            if m.offset != 1:  # offset 1 of every partition stays unfinished
+                tracker.done((m.topic, m.partition), m.offset, m.epoch)
+        assert source.maybe_commit() == {}  # interval not reached
+        done = source.maybe_commit(force=True)
+    finally:
+        source.close()
+    want = {}
+    for p in {m.partition for m in msgs}:
+        offsets = sorted(m.offset for m in msgs if m.partition == p)
+        want[TopicPartition(topics["input"], p)] = 1 if 1 in offsets else offsets[-1] + 1
+    assert done == want
+    check = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=topics["group"],
+                          enable_auto_commit=False)
+    try:
+        assert {tp: check.committed(KTopicPartition(*tp)) for tp in want} == want
+    finally:
+        check.close(autocommit=False)
