@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -15,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka_support import Record, committed, produce, read_all, wait_for, worker_settings
+from kafka_support import Reader, Record, committed, produce, read_all, wait_for, worker_settings
 
 from elbert_stream.config import ExitSettings, Settings
 from elbert_stream.engine import Engine
@@ -184,3 +188,52 @@ def test_classify_and_exit_policy_share_the_engine(kafka_bootstrap: str, topics:
         assert all(p.exit_depth >= 4 for p in worker.classify(["a", "b", "c"], timeout_s=30))
         assert wait_for(lambda: worker.stats()["messages"]["ok"] >= len(sent), 60)
     assert worker.stats()["exit_policy"]["min_depth"] == 4
+
+
+def _run_cli(settings: Settings, replica_id: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """``elbert-stream run`` in a child process, configured through ELBERT_* variables."""
+    k = settings.kafka
+    env = {**os.environ, "ELBERT_MODEL__PATH": str(settings.model.path), "ELBERT_MODEL__DEVICE": "cpu",
+           "ELBERT_KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers,
+           "ELBERT_KAFKA__INPUT_TOPICS": json.dumps(k.input_topics),
+           "ELBERT_KAFKA__OUTPUT_TOPIC": k.output_topic,
+           "ELBERT_KAFKA__DEAD_LETTER_TOPIC": k.dead_letter_topic, "ELBERT_KAFKA__GROUP_ID": k.group_id,
+           "ELBERT_KAFKA__SESSION_TIMEOUT_MS": "6000", "ELBERT_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+           "ELBERT_KAFKA__COMMIT_INTERVAL_S": "0.5", "ELBERT_ENGINE__MAX_QUEUE": "64"}
+    with open(log_path, "ab") as log:
+        cmd = [sys.executable, "-m", "elbert_stream.cli", "run", "--replica-id", replica_id]
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_killed_worker_restarts_with_nothing_lost(kafka_bootstrap: str, topics: dict[str, str],
+                                                  tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL mid-stream, restart under the same static member id: every input answered; the
+    duplicates are exactly the answers the killed worker delivered past its last commit."""
+    settings = worker_settings(kafka_bootstrap, topics, tiny_model_dir)
+    sent = produce(kafka_bootstrap, topics["input"], [(None, t, {}) for t in texts(3000, "crash")])
+    reader = Reader(kafka_bootstrap, [topics["output"], topics["dead"]])
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(_run_cli(settings, "crash", tmp_path / "a.log"))
+        assert wait_for(lambda: reader.poll() >= 0 and len(reader.records[topics["output"]]) >= 300, 90)
+        procs[0].kill()
+        procs[0].wait(10)
+        before = by_source({"out": list(reader.read(0, settle_s=1.0)[topics["output"]]), "dead": []})
+        done = committed(kafka_bootstrap, topics["group"], topics["input"], 4)
+        beyond = sum(1 for (_, p, off) in before if off >= (done[p] or 0))
+        procs.append(_run_cli(settings, "crash", tmp_path / "b.log"))
+        got = reader.read(len(sent) + beyond, timeout_s=120, settle_s=1.0)
+        procs[1].send_signal(signal.SIGTERM)
+        assert procs[1].wait(60) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    finally:
+        reader.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    index = by_source({"out": got[topics["output"]], "dead": got[topics["dead"]]})
+    duplicates = sum(len(v) - 1 for v in index.values())
+    print(f"[crash] answered before kill {len(before)}, committed {sum(v or 0 for v in done.values())}, "
+          f"duplicates {duplicates} (expected {beyond})")
+    assert sorted(index) == sorted(r.position for r in sent), "lost inputs"
+    assert duplicates == beyond
