@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import platform
-import resource
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from elbert_stream.exit_policy import ExitPolicy
 from elbert_stream.model import ElbertModel
-from elbert_stream.scoring import choose_exit_defaults, depth_accuracy, score_policy
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process (contention-independent cost of the run)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+from elbert_stream.scoring import choose_exit_defaults, depth_accuracy, policy_from_defaults, score_policy
 
 
 def _tradeoff_rows(model: ElbertModel, probs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
@@ -30,15 +22,7 @@ def _tradeoff_rows(model: ElbertModel, probs: dict[str, tuple[torch.Tensor, torc
     for name in ("confidence_window", "entropy", "patience"):
         for budget in (0.5, 1.0):
             d, val_score = choose_exit_defaults(*probs["val"], max_loss_points=budget, policy=name)
-            policy = ExitPolicy(
-                name,
-                model.num_layers,
-                tau=d.tau,
-                window=d.window,
-                patience=d.patience,
-                require_rising=d.require_rising,
-                min_depth=d.min_depth,
-            )
+            policy = policy_from_defaults(d, model.num_layers)
             s = score_policy(policy, *probs["test"])
             params = {k: v for k, v in policy.describe().items() if k != "policy"}
             rows.append(
@@ -59,15 +43,7 @@ def write_model_card(
     """Write ``out/MODEL_CARD.md``; ``probs``: ``val``/``test`` -> (``[L, N, K]`` probs, ``[N]`` labels)."""
     acc = {k: depth_accuracy(*v) for k, v in probs.items()}
     d = model.extras.exit
-    default = ExitPolicy(
-        d.policy,
-        model.num_layers,
-        tau=d.tau,
-        window=d.window,
-        patience=d.patience,
-        require_rising=d.require_rising,
-        min_depth=d.min_depth,
-    )
+    default = policy_from_defaults(d, model.num_layers)
     test_default = score_policy(default, *probs["test"])
     weights = " ".join(f"{w:.3f}" for w in model.depth_weights().tolist())
     c = model.config
@@ -94,7 +70,7 @@ def write_model_card(
         "",
         f"Trained {steps} steps in {train_seconds:.0f} s wall ({train_seconds / 60:.1f} min) with "
         f"{torch.get_num_threads()} torch thread(s) on {platform.machine()} CPU "
-        f"({_cpu_seconds():.0f} CPU-seconds for the whole command so far), torch {torch.__version__}. "
+        f"(training loop incl. per-epoch validation, resumed runs included), torch {torch.__version__}. "
         f"Data split: `split.json` (stratified 80/10/10, seed {cfg.split_seed}).",
         "",
         "## Accuracy per depth (%)",

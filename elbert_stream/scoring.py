@@ -133,10 +133,22 @@ def choose_exit_defaults(
     probs: torch.Tensor, labels: torch.Tensor, max_loss_points: float = 0.5, policy: str = "confidence_window"
 ) -> tuple[ExitDefaults, PolicyScore]:
     """The setting of ``policy`` with the smallest mean exit depth whose accuracy is at most
-    ``max_loss_points`` (percentage points) below full depth; ties -> higher accuracy."""
+    ``max_loss_points`` (percentage points) below full depth; ties -> higher accuracy. When no
+    setting is within budget, the most accurate one (ties -> shallower)."""
     full = float((probs[-1].argmax(-1) == labels).float().mean())
     scores = [score_policy(p, probs, labels) for p in policy_grid(policy, probs.shape[0])]
     ok = [s for s in scores if s.accuracy >= full - max_loss_points / 100 - 1e-9]
-    best = min(ok, key=lambda s: (s.mean_exit_depth, -s.accuracy))
+    if ok:
+        best = min(ok, key=lambda s: (s.mean_exit_depth, -s.accuracy))
+    else:
+        best = max(scores, key=lambda s: (s.accuracy, -s.mean_exit_depth))
+        log.warning(
+            "no %s setting within %.2f points of full depth (%.4f); most accurate: %.4f at depth %.2f",
+            policy,
+            max_loss_points,
+            full,
+            best.accuracy,
+            best.mean_exit_depth,
+        )
     fields = {k: v for k, v in best.params.items() if k != "policy"}
     return ExitDefaults(policy=policy, **fields), best

@@ -118,3 +118,14 @@ def test_choose_exit_defaults_respects_loss_budget() -> None:
     assert strict.accuracy == 1.0 and strict.mean_exit_depth == pytest.approx(1.25)
     _, loose = choose_exit_defaults(probs, labels, max_loss_points=30.0)
     assert loose.mean_exit_depth == 1.0 and loose.accuracy == 0.75
+
+
+def test_choose_exit_defaults_falls_back_to_most_accurate_when_budget_unreachable() -> None:
+    # L=4; sample 2 is confidently wrong at depths 1-3 and right only at 4: every entropy setting
+    # (min_depth <= 3) exits it early, so none is within 0 points of full depth (100%)
+    labels = torch.tensor([0, 0])
+    probs = torch.zeros(4, 2, 2)
+    probs[..., 0] = torch.tensor([[0.9995, 0.0005], [0.9995, 0.0005], [0.9995, 0.0005], [0.9995, 0.9995]])
+    probs[..., 1] = 1 - probs[..., 0]
+    d, score = choose_exit_defaults(probs, labels, max_loss_points=0.0, policy="entropy")
+    assert d.policy == "entropy" and score.accuracy == 0.5 and score.mean_exit_depth == 1.0
