@@ -26,7 +26,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as KTopicPartition
 from kafka import errors as kerrors
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
 from elbert_stream.config import KafkaSettings
@@ -64,14 +64,20 @@ def client_config(k: KafkaSettings) -> dict[str, Any]:
     return cfg
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(AsyncConsumerRebalanceListener):  # type: ignore[misc]
+    """kafka-python 3 runs rebalance listeners on its IO thread (a blocking ``consumer.commit()``
+    there raises), so this one is async and awaits the coordinator's commit coroutine."""
+
     def __init__(self, source: KafkaSource) -> None:
         self.source = source
 
-    def on_partitions_revoked(self, revoked: set[KTopicPartition]) -> None:
-        self.source._on_revoked(revoked)
+    async def on_partitions_revoked(self, revoked: set[KTopicPartition]) -> None:
+        await self.source._on_revoked(revoked, commit=True)
 
-    def on_partitions_assigned(self, assigned: set[KTopicPartition]) -> None:
+    async def on_partitions_lost(self, lost: set[KTopicPartition]) -> None:
+        await self.source._on_revoked(lost, commit=False)  # evicted: a commit cannot succeed
+
+    async def on_partitions_assigned(self, assigned: set[KTopicPartition]) -> None:
         self.source._on_assigned(assigned)
 
 
@@ -93,6 +99,7 @@ class KafkaSource:
         self.paused = False
         self.num_commits = 0
         self.num_commit_failures = 0
+        self.num_revocations = 0  # rebalances that took partitions away (revoked or lost)
         self._last_commit_s = time.monotonic()
         self.consumer = KafkaConsumer(
             **client_config(settings), client_id=client_id, group_id=settings.group_id,
@@ -159,14 +166,26 @@ class KafkaSource:
         log.debug("committed %s", _fmt(offsets))
         return offsets
 
-    def _on_revoked(self, revoked: set[KTopicPartition]) -> None:
+    async def _on_revoked(self, revoked: set[KTopicPartition], *, commit: bool) -> None:
+        """On the consumer's IO thread: commit the revoked partitions' finished offsets (unless the
+        member was evicted), forget them, and tell the worker (``on_revoke``, which must only record
+        the set: the loop thread applies it after ``poll`` returns)."""
         tps = {TopicPartition(t.topic, t.partition) for t in revoked}
-        ready = self.tracker.committable()
-        self._commit({tp: off for tp, off in ready.items() if tp in tps})
+        self.num_revocations += bool(tps)
+        ready = {tp: off for tp, off in self.tracker.committable().items() if tp in tps}
+        if commit and ready:
+            offsets = {KTopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in ready.items()}
+            try:  # kafka-python 3.0's coroutine behind commit(); the public one blocks on this thread
+                await self.consumer._coordinator._commit_offsets_sync_async(offsets, timeout_ms=5000)
+                self.tracker.mark_committed(ready)
+                self.num_commits += 1
+            except Exception as e:  # noqa: BLE001 - the new owner re-reads from the last commit
+                self.num_commit_failures += 1
+                log.warning("commit of %s on revoke failed: %r", _fmt(ready), e)
         if self.on_revoke is not None:
             self.on_revoke(tps)
         self.tracker.forget(tps)
-        log.info("partitions revoked: %s", sorted(tps))
+        log.info("partitions %s: %s", "revoked" if commit else "lost", sorted(tps))
 
     def _on_assigned(self, assigned: set[KTopicPartition]) -> None:
         if self.paused and assigned:
@@ -204,6 +223,7 @@ class _Failure:
     msg: InputMessage
     kind: str  # "output" | "dead_letter"
     error: BaseException
+    retry: tuple[str, str, Headers | None] | None = None  # a dead letter's (reason, detail, trace)
 
 
 class KafkaSink:
@@ -246,17 +266,33 @@ class KafkaSink:
             self.send_dead_letter(msg, "output_rejected", f"output record rejected: {e!r}")
 
     def send_dead_letter(self, msg: InputMessage, reason: str, detail: str,
-                         trace: Headers | None = None) -> None:
+                         trace: Headers | None = None, *, omit_value: bool = False) -> None:
         """Produce the original key and value to the dead-letter topic, with the reason in headers
-        (``trace``: trace-context headers to add; default the input's)."""
+        (``trace``: trace-context headers to add; default the input's). A value too large to produce
+        again (over ``max_request_size`` less 64 KiB, or rejected by the broker) is omitted: the dead
+        letter then has a null value and ``elbert.value_omitted: <size> bytes``."""
+        if not omit_value:
+            size = len(msg.value or b"") + len(msg.key or b"")
+            omit_value = size > int(self.producer.config["max_request_size"]) - 65536
         log.warning("dead letter %s: %s: %s", msg.where, reason, detail[:200])
         headers = dead_letter_headers(msg, reason, detail, self.replica_id)
         if trace is not None:
             headers = [h for h in headers if h[0] not in TRACE_HEADERS] + list(trace)
-        self._send(self.settings.dead_letter_topic, msg, msg.value, msg.key, headers, f"dead_letter.{reason}")
+        if omit_value:
+            headers.append(("elbert.value_omitted", f"{len(msg.value or b'')} bytes".encode()))
+        retry = None if omit_value else (reason, detail, trace)
+        value = None if omit_value else msg.value
+        try:
+            self._send(self.settings.dead_letter_topic, msg, value, msg.key, headers, f"dead_letter.{reason}",
+                       retry)
+        except RECORD_REJECTED:
+            if omit_value:
+                raise
+            self.send_dead_letter(msg, reason, detail, trace, omit_value=True)
 
     def _send(self, topic: str, msg: InputMessage, value: bytes | None, key: bytes | None,
-              headers: list[tuple[str, bytes]], outcome: str) -> None:
+              headers: list[tuple[str, bytes]], outcome: str,
+              retry: tuple[str, str, Headers | None] | None = None) -> None:
         with self._lock:
             self._in_flight += 1
         try:
@@ -266,7 +302,7 @@ class KafkaSink:
                 self._in_flight -= 1
             raise
         fut.add_callback(self._on_ack, msg, outcome)
-        fut.add_errback(self._on_error, msg, "output" if outcome == "ok" else "dead_letter")
+        fut.add_errback(self._on_error, msg, "output" if outcome == "ok" else "dead_letter", retry)
 
     def _on_ack(self, msg: InputMessage, outcome: str, _metadata: Any) -> None:
         self.tracker.done((msg.topic, msg.partition), msg.offset, msg.epoch)
@@ -276,10 +312,11 @@ class KafkaSink:
             if outcome != "ok":
                 self.counts[outcome] += 1
 
-    def _on_error(self, msg: InputMessage, kind: str, error: BaseException) -> None:
+    def _on_error(self, msg: InputMessage, kind: str, retry: tuple[str, str, Headers | None] | None,
+                  error: BaseException) -> None:
         with self._lock:
             self._in_flight -= 1
-            self._failures.append(_Failure(msg, kind, error))
+            self._failures.append(_Failure(msg, kind, error, retry))
 
     def raise_failures(self) -> None:
         """Handle failed deliveries (call on the worker thread): dead-letter rejected outputs, raise
@@ -289,6 +326,9 @@ class KafkaSink:
         for f in failures:
             if f.kind == "output" and isinstance(f.error, RECORD_REJECTED):
                 self.send_dead_letter(f.msg, "output_rejected", f"output record rejected: {f.error!r}")
+                continue
+            if f.kind == "dead_letter" and f.retry is not None and isinstance(f.error, RECORD_REJECTED):
+                self.send_dead_letter(f.msg, *f.retry, omit_value=True)  # the broker refused the size
                 continue
             with self._lock:
                 self.counts["error"] += 1

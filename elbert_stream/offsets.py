@@ -105,6 +105,12 @@ class OffsetTracker:
                 if self._parts.pop(tp, None) is not None:
                     self._epochs[tp] = self._epochs.get(tp, 0) + 1
 
+    def is_current(self, topic: str, partition: int, epoch: int) -> bool:
+        """Whether ``epoch`` is the partition's live assignment (False once forgotten)."""
+        with self._lock:
+            part = self._parts.get(TopicPartition(topic, partition))
+            return part is not None and part.epoch == epoch
+
     def num_pending(self) -> dict[TopicPartition, int]:
         """Polled but not yet committable, per partition."""
         with self._lock:

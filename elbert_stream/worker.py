@@ -45,8 +45,10 @@ class Worker:
                  telemetry: Any = None) -> None:
         self.settings = settings.model_copy(deep=True)
         k = self.settings.kafka
-        if k.group_instance_id is None:
+        if k.group_instance_id is None:  # static membership by default; "" = dynamic membership
             k.group_instance_id = f"{k.group_id}-{replica_id}"
+        elif not k.group_instance_id:
+            k.group_instance_id = None
         self.engine = engine
         self.tokenizer = tokenizer
         self.replica_id = replica_id
@@ -58,6 +60,7 @@ class Worker:
         self._backlog: deque[Request] = deque()
         self._jobs: deque[SyncJob] = deque()
         self._jobs_lock = threading.Lock()
+        self._revoked: set[TopicPartition] = set()
         self._stop = threading.Event()
         self._running = threading.Event()
         self._drain_deadline = float("inf")
@@ -155,6 +158,8 @@ class Worker:
             self.source.resume()
         busy = self.engine.has_work()
         msgs = self.source.poll(0 if busy or self._backlog else self.settings.kafka.poll_timeout_ms)
+        self._apply_revokes()
+        msgs = [m for m in msgs if self.tracker.is_current(m.topic, m.partition, m.epoch)]
         if msgs:
             self._loop.arrived(len(msgs))
             self._ingest(msgs)
@@ -248,10 +253,17 @@ class Worker:
             self._backlog.extendleft(reversed(reqs))  # ahead of Kafka work: a caller is waiting
 
     def _on_revoke(self, tps: set[TopicPartition]) -> None:
+        """Called on the consumer's IO thread: only record; ``_apply_revokes`` runs on the loop."""
+        with self._jobs_lock:
+            self._revoked |= tps
+
+    def _apply_revokes(self) -> None:
         """Drop backlog messages of revoked partitions (their new owner re-reads them)."""
-        keep = [r for r in self._backlog
-                if isinstance(r.meta, SyncRef) or TopicPartition(r.meta.topic, r.meta.partition) not in tps]
-        self._backlog = deque(keep)
+        with self._jobs_lock:
+            tps, self._revoked = self._revoked, set()
+        if tps:
+            self._backlog = deque(r for r in self._backlog if isinstance(r.meta, SyncRef)
+                                  or TopicPartition(r.meta.topic, r.meta.partition) not in tps)
 
     def _drain(self) -> None:
         """Finish backlog and busy slots (until the deadline), flush, commit."""
@@ -322,6 +334,7 @@ class Worker:
             produce_in_flight=sink.in_flight if sink is not None else 0,
             pending_offsets=self.tracker.total_pending(),
             num_commits=source.num_commits if source is not None else 0,
+            num_revocations=source.num_revocations if source is not None else 0,
             exit_policy=self.settings.exit.model_dump(),
         )
         return out

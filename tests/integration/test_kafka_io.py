@@ -163,3 +163,21 @@ def test_commit_only_finished_offsets_on_interval(kafka_bootstrap: str, topics: 
         assert {tp: check.committed(KTopicPartition(*tp)) for tp in want} == want
     finally:
         check.close(autocommit=False)
+
+
+def test_dead_letter_of_an_oversized_value_omits_the_value(kafka_bootstrap: str,
+                                                           topics: dict[str, str]) -> None:
+    tracker = OffsetTracker()
+    huge = b"z" * 1_500_000  # over the producer's 1 MiB max_request_size: cannot be produced again
+    epoch = tracker.track((topics["input"], 0), 0) or 0
+    msg = InputMessage(topics["input"], 0, 0, b"key", huge, [], epoch=epoch)
+    sink = KafkaSink(kafka_settings(kafka_bootstrap, topics), tracker, replica_id="r")
+    sink.send_dead_letter(msg, "too_large", "value is 1500000 bytes")
+    sink.flush(10)
+    sink.raise_failures()
+    sink.close()
+    (dead,) = read_all(kafka_bootstrap, [topics["dead"]], 1)[topics["dead"]]
+    assert dead.value is None and dead.key == b"key"
+    assert dead.headers["elbert.value_omitted"] == b"1500000 bytes"
+    assert dead.headers["elbert.reason"] == b"too_large"
+    assert tracker.committable() == {TopicPartition(topics["input"], 0): 1}
