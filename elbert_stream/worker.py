@@ -25,7 +25,7 @@ from collections import Counter, deque
 from typing import Any
 
 from elbert_stream.config import ExitSettings, Settings
-from elbert_stream.errors import BadMessage, ElbertError, EngineFailure
+from elbert_stream.errors import BadMessage, ConfigError, ElbertError, EngineFailure
 from elbert_stream.kafka_io import KafkaSink, KafkaSource
 from elbert_stream.offsets import OffsetTracker, TopicPartition
 from elbert_stream.records import InputMessage, decode_input, output_record, trace_headers
@@ -45,6 +45,9 @@ class Worker:
                  telemetry: Any = None) -> None:
         self.settings = settings.model_copy(deep=True)
         k = self.settings.kafka
+        if k.delivery != "at_least_once":
+            raise ConfigError(f"kafka.delivery={k.delivery!r} is not implemented yet; use 'at_least_once' "
+                              "(docs/streaming.md, exactly_once design)")
         if k.group_instance_id is None:  # static membership by default; "" = dynamic membership
             k.group_instance_id = f"{k.group_id}-{replica_id}"
         elif not k.group_instance_id:
