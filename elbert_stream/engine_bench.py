@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,14 +70,14 @@ class BenchOptions:
     min_samples: int = 2000
     replay: bool = False
     replay_from: str | None = None
-    rounds: int = 2
+    rounds: int = 4
     samples_per_slot: int = 32  # early-exit inputs >= this x the largest batch (fill/drain stay small)
     full_depth_batches: int = 4  # (a), (b) run on this many batches
-    single_samples: int = 256  # (e) runs on this many inputs
+    single_samples: int = 128  # (e) runs on this many inputs
     stream_batches: int = 6  # streaming requests >= this x the batch size
     max_unique: int | None = None  # cap on the unique texts (quick runs)
     loads: list[float] = field(default_factory=lambda: [0.5, 0.8])
-    stream_requests: int = 256
+    stream_requests: int = 1000
     compile: bool = False
     seed: int = 0
     out_dir: Path = Path("bench/results")
@@ -292,10 +293,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replay-from", default=None,
                    help="JSON histogram (a list, or engine.json's exit_depth_histogram); default: the "
                         "shipped model's on BBC")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (variants alternate)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (variants alternate)")
     p.add_argument("--loads", default="0.5,0.8", help="streaming loads as fractions of (f)'s capacity")
-    p.add_argument("--single-samples", type=int, default=256, help="inputs for (e), batch size 1")
-    p.add_argument("--stream-requests", type=int, default=256,
+    p.add_argument("--single-samples", type=int, default=128, help="inputs for (e), batch size 1")
+    p.add_argument("--stream-requests", type=int, default=1000,
                    help="requests per streaming run, at least 6 x the batch size (0 = skip)")
     p.add_argument("--full-depth-batches", type=int, default=4,
                    help="(a), (b) run on at least this many batches")
@@ -321,9 +322,20 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return opts
 
 
+def warn_if_busy() -> None:
+    """A busy CPU box makes multi-threaded OpenMP kernels wait on each other (25x slower steps at
+    batch size 1 measured here); one thread per process is then the stable choice."""
+    load, cpus, threads = os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads()
+    if threads > 1 and load > cpus:
+        log.warning("machine busy: load %.1f on %d CPUs with %d torch threads; timings will be noisy "
+                    "(consider --threads 1)", load, cpus, threads)
+
+
 def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        warn_if_busy()
     doc = run_engine_bench(options_from_args(args))
     for run in doc["runs"]:
         log.info("batch %d: %s", run["batch_size"], json.dumps(run["ratios"]))
