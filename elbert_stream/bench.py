@@ -20,6 +20,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from elbert_stream.errors import ElbertError
+
 log = logging.getLogger(__name__)
 
 # part -> (module, handler name); the module's add_arguments(parser) adds the part's own flags
@@ -90,6 +92,9 @@ def run_all(args: argparse.Namespace) -> int:
         part_args = p.parse_args(["--out", args.out, *(["--quick"] if args.quick else [])])
         try:
             status = run_part(part, part_args)
+        except ElbertError as e:  # a known failure (no model, no broker, ...): its message says why
+            log.error("bench %s failed: %s", part, e)
+            status = 1
         except Exception:  # noqa: BLE001 - one part's failure must not hide the others' results
             log.exception("bench %s failed", part)
             status = 1
