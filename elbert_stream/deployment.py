@@ -18,12 +18,15 @@ the replica: the old one drains (finish in-flight, flush, commit), then a new en
 start. ``check_health`` raises once the worker has died, so Serve replaces the replica.
 ``__del__`` (Serve's graceful stop) drains within ``graceful_shutdown_timeout_s``.
 
-Kafka static membership: every replica consumes with ``group_instance_id =
-"{prefix}-{replica_tag}"`` (prefix = ``kafka.group_instance_id`` or ``kafka.group_id``). Static
-members never send LeaveGroup (a LeaveGroup during a rebalance wedges a Tansu group), so a
-stopped or killed replica's partitions move after ``kafka.session_timeout_ms``. The id is the
-replica's unique tag, not its rank: Serve reuses and re-packs ranks while old replicas may still
-be draining, and two live members with one instance id fence each other.
+Kafka static membership: every replica consumes with ``group_instance_id = "{prefix}-r{rank}"``
+(prefix = ``kafka.group_instance_id`` or ``kafka.group_id``; ``rank`` = the replica's Serve rank,
+unique among live replicas, like a StatefulSet ordinal). Static members never send LeaveGroup (a
+LeaveGroup during a rebalance wedges a Tansu 0.6 group for good), and a replacement replica
+(crash, ``ray.kill``, rolling update) is given the freed rank, so it rejoins under the same id and
+takes over the partitions of the member it replaces. Why not the replica's unique tag: Tansu 0.6
+never expires a static member that stopped heartbeating, so a new id would leave the old one's
+partitions unread. When Serve re-packs ranks (``reconfigure(..., rank)``), the worker restarts
+under its new id. See docs/serving.md for what this means for scale-down.
 
 HTTP (``route_prefix``, default ``/``): ``POST /classify`` ``{"texts": [...]}`` ->
 ``{"predictions": [...]}`` through the same engine; ``GET /stats``; ``GET /healthz``.
@@ -100,10 +103,16 @@ def changed_sections(old: Settings, new: Settings) -> set[str]:
     return {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
 
 
-def group_instance_id(settings: Settings, replica_tag: str) -> str:
-    """The static-membership id of one replica (see module docstring for why not the rank)."""
+def group_instance_id(settings: Settings, rank: int) -> str:
+    """The static-membership id of the replica with Serve rank ``rank`` (see the module docstring)."""
     prefix = settings.kafka.group_instance_id or settings.kafka.group_id
-    return f"{prefix}-{replica_tag}"
+    return f"{prefix}-r{rank}"
+
+
+def rank_of(rank: Any) -> int | None:
+    """The global rank from Serve's ``ReplicaRank`` (None when Serve gave none)."""
+    value = getattr(rank, "rank", None)
+    return int(value) if value is not None else None
 
 
 def parse_overrides(value: Any) -> dict[str, Any]:
@@ -174,6 +183,7 @@ class ElbertWorker:
         ctx = serve.get_replica_context()
         self.replica_tag: str = ctx.replica_tag
         self._local_rank = int(getattr(ctx.rank, "local_rank", 0) or 0) if ctx.rank is not None else 0
+        self._rank = rank_of(ctx.rank)
         self._grace_s = _graceful_shutdown_s(ctx)
         self._base = merge_settings(Settings(), parse_overrides(overrides))  # env, then bind args
         self._settings = self._base
@@ -195,11 +205,17 @@ class ElbertWorker:
         Taking ``rank`` makes Serve call this even without a user_config, so the worker always
         starts here, after the first config is known.
         """
-        del rank  # ranks move (see module docstring); the replica tag names us instead
         new = merge_settings(self._base, user_config or {})
+        new_rank = rank_of(rank)
         with self._lock:
             if self._closed:
                 return
+            if self._worker is not None and new_rank is not None and new_rank != self._rank:
+                log.info("replica %s: rank %s -> %s: restarting the worker under its new member id",
+                         self.replica_tag, self._rank, new_rank)
+                self._stop_worker(max(1.0, self._grace_s - DRAIN_MARGIN_S))
+            if new_rank is not None:
+                self._rank = new_rank
             if self._worker is None:
                 self._settings = new
                 self._start()
@@ -284,7 +300,7 @@ class ElbertWorker:
     # ---- internals ---------------------------------------------------------------------------
     @property
     def group_instance_id(self) -> str:
-        return group_instance_id(self._settings, self.replica_tag)
+        return group_instance_id(self._settings, self._rank if self._rank is not None else 0)
 
     def _running_worker(self) -> Any:
         worker = self._worker

@@ -10,6 +10,7 @@ Duplicates (at-least-once redelivery after a failure) are printed, never silentl
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 @pytest.fixture(scope="module")
 def http_port() -> Iterator[int]:
     port = free_port()
-    deployment.start_local_ray(2, http_port=port)
+    deployment.start_local_ray(2, http_port=port, log_to_driver=bool(os.environ.get("ELBERT_TEST_RAY_LOGS")))
     yield port
     deployment.shutdown_local_ray()
 

@@ -59,11 +59,11 @@ def test_changed_sections_drive_live_versus_restart() -> None:
     assert set(Settings.model_fields) == LIVE_SECTIONS | RESTART_SECTIONS
 
 
-def test_group_instance_id_is_per_replica() -> None:
+def test_group_instance_id_is_per_rank() -> None:
     s = Settings()
-    assert group_instance_id(s, "abc123") == "elbert-stream-abc123"
+    assert group_instance_id(s, 0) == "elbert-stream-r0"
     s = merge_settings(s, {"kafka": {"group_instance_id": "prod"}})
-    assert group_instance_id(s, "abc123") == "prod-abc123" != group_instance_id(s, "def456")
+    assert group_instance_id(s, 3) == "prod-r3" != group_instance_id(s, 4)
 
 
 def test_parse_overrides_accepts_json_and_mappings() -> None:

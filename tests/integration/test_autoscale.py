@@ -1,0 +1,126 @@
+"""Exit-depth autoscaling on a real Serve controller: ``ElbertWorker.record_autoscaling_stats`` ->
+``autoscaling.ExitDepthPolicy`` -> replica count, with the session's Tansu broker and a tiny model.
+
+* a burst (a backlog in the input topic) scales 1 -> >= 2 replicas, and back to 1 after the
+  drain, with no message lost;
+* the same message rate with stricter exit thresholds (deeper exits = more layer work) scales up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from serve_support import Stream, report, texts
+
+from elbert_stream import deployment
+from elbert_stream.broker import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
+
+POLICY = "elbert_stream.autoscaling:ExitDepthPolicy"
+
+
+def autoscaling_config(max_replicas: int, **policy_kwargs: Any) -> dict[str, Any]:
+    kwargs = {"target_utilization": 0.7, "drain_time_s": 4.0, "scale_down_delay_s": 6.0,
+              "scale_down_headroom": 0.8, **policy_kwargs}
+    return {"min_replicas": 1, "initial_replicas": 1, "max_replicas": max_replicas,
+            "look_back_period_s": 2.0, "upscale_delay_s": 0, "downscale_delay_s": 0,
+            "policy": {"policy_function": POLICY, "policy_kwargs": kwargs}}
+
+
+@pytest.fixture(scope="module")
+def http_port() -> Iterator[int]:
+    port = free_port()
+    deployment.start_local_ray(2, http_port=port)
+    yield port
+    deployment.shutdown_local_ray()
+
+
+@pytest.fixture
+def stream(kafka_bootstrap: str, tiny_model_dir: Path, http_port: int) -> Iterator[Stream]:
+    s = Stream(kafka_bootstrap, tiny_model_dir, http_port=http_port)
+    yield s
+    s.delete()
+
+
+def deploy_autoscaled(s: Stream, config: dict[str, Any], user_config: dict[str, Any] | None = None) -> None:
+    deployment.run_local_app(s.overrides(), name=s.name, num_cpus=0.5, user_config=user_config,
+                             route_prefix=s.route, autoscaling_config=config)
+
+
+def watch_replicas(s: Stream, stop: threading.Event) -> tuple[threading.Thread, list[tuple[float, int]]]:
+    """Sample the live replica count every 0.5 s until ``stop``."""
+    samples: list[tuple[float, int]] = []
+
+    def run() -> None:
+        t0 = time.monotonic()
+        while not stop.is_set():
+            samples.append((time.monotonic() - t0, len(deployment.replica_actor_names(s.name))))
+            stop.wait(0.5)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, samples
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_burst_scales_up_then_back_down_after_the_drain(stream: Stream) -> None:
+    deploy_autoscaled(stream, autoscaling_config(max_replicas=4))
+    deployment.wait_until_consuming(stream.name, stream.http_port, stream.route, num_replicas=1)
+    stop = threading.Event()
+    watcher, samples = watch_replicas(stream, stop)
+    try:
+        stream.produce(texts(6000, "burst"))
+        scaled_up = wait_for(lambda: max(n for _, n in samples) >= 2, 60)
+        acc = stream.wait_all(180)
+        report("burst autoscale", acc)
+        back_down = wait_for(lambda: samples[-1][1] == 1, 90)
+    finally:
+        stop.set()
+        watcher.join()
+    print("replica count over time:", [(round(t), n) for t, n in samples[::4]])
+    assert scaled_up, f"the burst never scaled past 1 replica: {samples[-10:]}"
+    assert not acc.lost, f"lost {len(acc.lost)}: {acc.lost[:5]}"
+    assert not acc.dead_letters and acc.strays == 0
+    assert back_down, f"did not return to 1 replica after the drain: {samples[-10:]}"
+
+
+def test_stricter_thresholds_at_the_same_rate_scale_up(stream: Stream) -> None:
+    """100 msg/s exiting at depth 1 (entropy rule, tau=1) needs one replica at an assumed capacity
+    of 300 layer steps/s; the same rate at full depth (6 layers, exit rule 'none') needs three."""
+    config = autoscaling_config(max_replicas=4, fallback_capacity_layer_steps_per_s=300.0,
+                                scale_down_delay_s=60.0)
+    shallow = {"exit": {"policy": "entropy", "tau": 1.0}}
+    deploy_autoscaled(stream, config, user_config=shallow)
+    deployment.wait_until_consuming(stream.name, stream.http_port, stream.route, num_replicas=1)
+    producer = stream.produce_in_background(texts(3000, "rate"), rate_per_s=100)
+    stop = threading.Event()
+    watcher, samples = watch_replicas(stream, stop)
+    try:
+        time.sleep(8)
+        shallow_max = max(n for _, n in samples)
+        deploy_autoscaled(stream, config, user_config={"exit": {"policy": "none"}})  # live reconfigure
+        scaled_up = wait_for(lambda: samples[-1][1] >= 2, 40)
+    finally:
+        stop.set()
+        watcher.join()
+    producer.join(60)
+    acc = stream.wait_all(120)
+    report("stricter thresholds autoscale", acc)
+    print("replica count over time:", [(round(t), n) for t, n in samples[::4]])
+    assert shallow_max == 1, f"depth-1 traffic should fit one replica: {samples}"
+    assert scaled_up, f"full-depth traffic at the same rate did not scale up: {samples[-10:]}"
+    assert not acc.lost
