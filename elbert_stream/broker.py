@@ -162,7 +162,7 @@ def create_topics(bootstrap: str, names: list[str] | tuple[str, ...], partitions
         admin.close()
 
 
-def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("broker", help="run an embedded Tansu broker (in memory) in the foreground")
     p.add_argument("--port", type=int, default=9092, help="loopback port (0 = any free port)")
     p.add_argument("--host", default="127.0.0.1")

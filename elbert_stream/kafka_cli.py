@@ -19,7 +19,7 @@ from elbert_stream.records import OutputRecord, parse_headers
 log = logging.getLogger(__name__)
 
 
-def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("produce", help="send lines (or JSONL) from FILE or - to the input topic")
     p.add_argument("file", help="a file of one text per line, or - for stdin")
     p.add_argument("--json", action="store_true",

@@ -64,7 +64,7 @@ def client_config(k: KafkaSettings) -> dict[str, Any]:
     return cfg
 
 
-class _Rebalance(AsyncConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(AsyncConsumerRebalanceListener):
     """kafka-python 3 runs rebalance listeners on its IO thread (a blocking ``consumer.commit()``
     there raises), so this one is async and awaits the coordinator's commit coroutine."""
 
@@ -269,15 +269,15 @@ class KafkaSink:
                          trace: Headers | None = None, *, omit_value: bool = False) -> None:
         """Produce the original key and value to the dead-letter topic, with the reason in headers
         (``trace``: trace-context headers to add; default the input's). A value too large to produce
-        again (over ``max_request_size`` less 64 KiB, or rejected by the broker) is omitted: the dead
-        letter then has a null value and ``elbert.value_omitted: <size> bytes``."""
-        if not omit_value:
-            size = len(msg.value or b"") + len(msg.key or b"")
-            omit_value = size > int(self.producer.config["max_request_size"]) - 65536
+        again (record over the producer's ``max_request_size``, or refused by the broker) is omitted:
+        the dead letter then has a null value and ``elbert.value_omitted: <size> bytes``."""
         log.warning("dead letter %s: %s: %s", msg.where, reason, detail[:200])
         headers = dead_letter_headers(msg, reason, detail, self.replica_id)
         if trace is not None:
             headers = [h for h in headers if h[0] not in TRACE_HEADERS] + list(trace)
+        if not omit_value:  # an estimate of the record size with 512 bytes of framing
+            size = len(msg.value or b"") + len(msg.key or b"") + sum(len(k) + len(v) for k, v in headers)
+            omit_value = size + 512 > int(self.producer.config["max_request_size"])
         if omit_value:
             headers.append(("elbert.value_omitted", f"{len(msg.value or b'')} bytes".encode()))
         retry = None if omit_value else (reason, detail, trace)

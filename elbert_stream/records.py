@@ -118,7 +118,7 @@ class TraceStep(BaseModel):
 class OutputRecord(BaseModel):
     """The value written to the output topic (JSON). Version 1; fields are only ever added."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     topic: str = Field(description="input topic")
     partition: int = Field(description="input partition")
     offset: int = Field(description="input offset")

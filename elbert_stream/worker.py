@@ -348,7 +348,7 @@ class Worker:
         from elbert_stream.telemetry import StatsSnapshot
 
         s = self._loop.snapshot()
-        lag = {tuple(tp): v for tp, v in self._loop.lag().items() if v is not None}
+        lag = {(tp.topic, tp.partition): v for tp, v in self._loop.lag().items() if v is not None}
         pending = pending_layer_work(s["busy_depth_counts"], s["exit_depth_counts"], s["num_waiting"],
                                      sum(lag.values()) if lag else None)
         return StatsSnapshot(busy_slots=s["num_busy"], queue_depth=s["num_waiting"] + len(self._backlog),
@@ -358,7 +358,7 @@ class Worker:
 
 
 # ---- `elbert-stream run` ----------------------------------------------------------------------------
-def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run one worker (no Ray) until SIGINT/SIGTERM, then drain",
                        description="Settings come from ELBERT_* environment variables "
                                    "(see docs/streaming.md).")

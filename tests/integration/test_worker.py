@@ -24,6 +24,7 @@ from kafka_support import Reader, Record, committed, produce, read_all, wait_for
 from elbert_stream.config import ExitSettings, Settings
 from elbert_stream.engine import Engine
 from elbert_stream.records import OutputRecord
+from elbert_stream.telemetry import Telemetry
 from elbert_stream.worker import Worker
 
 pytestmark = pytest.mark.integration
@@ -31,8 +32,9 @@ TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 @contextmanager
-def running(settings: Settings, replica_id: str = "r0") -> Iterator[Worker]:
-    worker = Worker(settings, Engine.from_settings(settings), None, replica_id=replica_id).start()
+def running(settings: Settings, replica_id: str = "r0", telemetry: Any = None) -> Iterator[Worker]:
+    engine = Engine.from_settings(settings)
+    worker = Worker(settings, engine, None, replica_id=replica_id, telemetry=telemetry).start()
     try:
         yield worker
     finally:
@@ -177,8 +179,10 @@ def test_drain_commits_and_restart_resumes(kafka_bootstrap: str, topics: dict[st
 def test_classify_and_exit_policy_share_the_engine(kafka_bootstrap: str, topics: dict[str, str],
                                                    tiny_model_dir: Path) -> None:
     settings = worker_settings(kafka_bootstrap, topics, tiny_model_dir)
-    sent = produce(kafka_bootstrap, topics["input"], [(None, t, {}) for t in texts(200, "mixed")])
-    with running(settings) as worker:
+    sent = produce(kafka_bootstrap, topics["input"], [(None, t, {}) for t in texts(200, "mixed")]
+                   + [(None, b"", {})])
+    telemetry = Telemetry(settings.telemetry, replica_id="r0", num_layers=6)
+    with running(settings, telemetry=telemetry) as worker:
         preds = worker.classify(["shares fell sharply", "the match ended in a draw"], timeout_s=30)
         assert [p.request_id for p in preds] and len(preds) == 2
         worker.set_exit_policy(ExitSettings(policy="none"))
@@ -186,8 +190,11 @@ def test_classify_and_exit_policy_share_the_engine(kafka_bootstrap: str, topics:
         assert deep[0].exit_depth == 6 and deep[0].exit_reason == "max_depth"
         worker.set_exit_policy(ExitSettings(min_depth=4))
         assert all(p.exit_depth >= 4 for p in worker.classify(["a", "b", "c"], timeout_s=30))
-        assert wait_for(lambda: worker.stats()["messages"]["ok"] >= len(sent), 60)
+        assert wait_for(lambda: worker.stats()["messages"]["ok"] >= len(sent) - 1, 60)
+        summary = telemetry.summary()  # the telemetry saw the same Kafka messages (not classify calls)
+    telemetry.shutdown()
     assert worker.stats()["exit_policy"]["min_depth"] == 4
+    assert (summary.messages["ok"], summary.messages["dead_letter"]) == (len(sent) - 1, 1)
 
 
 def _run_cli(settings: Settings, replica_id: str, log_path: Path) -> subprocess.Popen[bytes]:

@@ -1,0 +1,66 @@
+"""Pure pieces of the worker: per-text tokenizer failures, synchronous classify jobs, loop rates."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from elbert_stream.engine import EngineStats
+from elbert_stream.errors import BadMessage
+from elbert_stream.offsets import TopicPartition
+from elbert_stream.request import Prediction
+from elbert_stream.worker_support import LoopStats, SyncJob, tokenize_each
+
+
+def fake_tokenize(texts: list[str]) -> list[list[int]]:
+    if any("\x00" in t for t in texts):
+        raise ValueError("NUL byte")
+    return [[101, len(t), 102] for t in texts]
+
+
+def test_tokenize_each_isolates_the_bad_text() -> None:
+    out = tokenize_each(fake_tokenize, ["ab", "c\x00d", "efg"])
+    assert out[0] == [101, 2, 102] and out[2] == [101, 3, 102]
+    assert isinstance(out[1], BadMessage) and out[1].reason == "tokenizer_error" and "NUL" in out[1].detail
+    assert tokenize_each(fake_tokenize, []) == []
+
+
+def _pred(i: int) -> Prediction:
+    return Prediction(request_id=f"r{i}", label="x", label_index=0, probabilities=[1.0], exit_depth=1,
+                      exit_reason="max_depth", trace=[], queue_s=0.0, compute_s=0.0)
+
+
+def test_sync_job_waits_for_every_result_in_order() -> None:
+    job = SyncJob(["a", "b"])
+    threading.Timer(0.05, lambda: (job.set(1, _pred(1)), job.set(0, _pred(0)))).start()
+    assert [p.request_id for p in job.wait(5)] == ["r0", "r1"]
+
+
+def test_sync_job_failure_and_timeout() -> None:
+    job = SyncJob(["a", "b"])
+    job.fail(BadMessage("too_long", "3 ids"), 1)
+    with pytest.raises(BadMessage, match="text 1: 3 ids"):
+        job.wait(1)
+    with pytest.raises(TimeoutError):
+        SyncJob(["a"]).wait(0.01)
+
+
+def test_loop_stats_rates_and_snapshot() -> None:
+    loop = LoopStats(num_layers=3)
+    start = loop.snapshot()
+    assert start["exit_depth_counts"] == [0, 0, 0] and start["arrival_rate_msgs_per_s"] == 0.0
+    loop.arrived(50)
+    loop.finished([_pred(i) for i in range(20)])
+    t0 = loop._window[0]
+    stats = EngineStats(mode="continuous", max_slots=4, num_layer_rows=300, exit_depth_counts=[5, 10, 5],
+                        busy_depth_counts=[1, 2, 0], num_busy=3, num_waiting=7)
+    loop.set_engine(stats, t0 + 2.0)
+    loop.set_lag({TopicPartition("in", 1): 4, TopicPartition("in", 0): None}, 8, t0 + 2.0)
+    snap = loop.snapshot()
+    assert snap["arrival_rate_msgs_per_s"] == pytest.approx(25.0)
+    assert snap["finished_rate_msgs_per_s"] == pytest.approx(10.0)
+    assert snap["layer_steps_per_s"] == pytest.approx(150.0)
+    assert snap["busy_depth_counts"] == [1, 2, 0] and snap["num_waiting"] == 7
+    assert snap["lag_per_partition"] == {"in[0]": None, "in[1]": 4}
+    assert (snap["num_partitions_assigned"], snap["total_input_partitions"]) == (2, 8)
