@@ -128,3 +128,17 @@ def test_bench_cli_parses_every_part() -> None:
     opts = E.options_from_args(args)
     assert opts.batches == [8, 16] and opts.rounds == 1 and opts.size == "base"
     assert parser.parse_args(["bench", "all", "--quick"]).quick
+
+
+def test_targets_compare_measured_ratios_with_the_bars() -> None:
+    from elbert_stream import bench_report
+
+    speeds = {"a": 10.0, "b": 11.0, "c": 20.0, "d": 50.0, "e": 30.0, "f": 60.0}
+    run = {"variants": {v: {"samples_per_s": s} for v, s in speeds.items()}, "ideal_samples_per_s": 70.0,
+           "streaming": {"80%": {"c": {"p99_ms": 400.0}, "d": {"p99_ms": 100.0}, "f": {"p99_ms": 80.0}}}}
+    cpu = {t["name"]: (round(t["value"], 3), t["met"]) for t in bench_report.targets(run, "cpu")}
+    assert cpu == {"(f) >= 0.9 x ideal": (0.857, False), "(f) >= 1.5 x (c)": (3.0, True),
+                   "(f) >= 3 x (e)": (2.0, False), "p99 (f) <= 0.5 x p99 (c) at 80% load": (0.2, True),
+                   "p99 (f) <= 0.5 x p99 (d) at 80% load": (0.8, False)}
+    gpu = {t["name"]: t["met"] for t in bench_report.targets(run, "cuda")}
+    assert gpu == {"(f) >= 1.3 x (d)": False, "(f) >= 0.8 x ideal": True}
