@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer
@@ -181,3 +185,30 @@ def test_dead_letter_of_an_oversized_value_omits_the_value(kafka_bootstrap: str,
     assert dead.headers["elbert.value_omitted"] == b"1500000 bytes"
     assert dead.headers["elbert.reason"] == b"too_large"
     assert tracker.committable() == {TopicPartition(topics["input"], 0): 1}
+
+
+def _cli(args: list[str], bootstrap: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "elbert_stream.cli", *args, "--bootstrap", bootstrap],
+                          input=stdin, capture_output=True, text=True, timeout=60, check=True)
+
+
+def test_produce_and_consume_cli(kafka_bootstrap: str, topics: dict[str, str], tmp_path: Path) -> None:
+    lines = tmp_path / "in.jsonl"
+    lines.write_text('{"text": "first", "id": 1}\n\n{"text": "second"}\n', encoding="utf-8")
+    _cli(["produce", str(lines), "--json", "--key", "doc-{n}", "--topic", topics["input"]], kafka_bootstrap)
+    _cli(["produce", "-", "--topic", topics["input"]], kafka_bootstrap, stdin="plain text line\n")
+    got = read_all(kafka_bootstrap, [topics["input"]], 3)[topics["input"]]
+    want = {b"plain text line": None, b'{"text": "first", "id": 1}': b"doc-0",
+            b'{"text": "second"}': b"doc-2"}
+    assert {r.value: r.key for r in got} == want
+    msg = InputMessage(topics["input"], 0, 7, b"k", b"v", [])
+    rec = output_record(msg, prediction(), model_name="m", model_version="1", replica_id="r")
+    produce(kafka_bootstrap, topics["output"], [(b"k", rec.to_bytes(), {})])
+    produce(kafka_bootstrap, topics["dead"], [(b"k", b"\xff", {"elbert.reason": b"not_utf8"})])
+    out = _cli(["consume", "--topic", topics["output"], "--max", "1", "--timeout", "20"], kafka_bootstrap)
+    (line,) = out.stdout.splitlines()
+    assert json.loads(line)["record"] == json.loads(rec.to_bytes())
+    dead = _cli(["consume", "--dead-letters", "--topic", topics["dead"], "--max", "1", "--timeout", "20"],
+                kafka_bootstrap)
+    row = json.loads(dead.stdout)
+    assert row["headers"] == {"elbert.reason": "not_utf8"} and row["value"] == "\\xff"
