@@ -1,7 +1,8 @@
-"""``elbert-stream produce`` and ``elbert-stream consume``: feed the input topic, read the results.
+"""``elbert-stream produce`` / ``consume`` (feed the input topic, read the results) and the body of
+``elbert-stream run`` (one worker without Ray; its parser lives in worker.py).
 
 Connection settings come from ``ELBERT_KAFKA__*`` (bootstrap, security) with ``--bootstrap`` and the
-topic flags on top. No torch import here.
+topic flags on top. torch is imported only by ``run``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -107,3 +109,41 @@ def _describe(r: Any, dead_letter: bool) -> dict[str, Any]:
         return {**where, "record": OutputRecord.from_bytes(r.value).model_dump()}
     except ValueError as e:
         return {**where, "error": f"not an elbert output record: {e}"[:300]}
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """``elbert-stream run``: one Worker (no Ray) until SIGINT/SIGTERM, then drain."""
+    import os
+    import signal
+    import socket
+
+    from elbert_stream.engine import Engine
+    from elbert_stream.worker import Worker
+
+    settings = Settings()
+    if args.bootstrap:
+        settings.kafka.bootstrap_servers = args.bootstrap
+    replica_id = args.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    engine = Engine.from_settings(settings)
+    telemetry = None
+    if settings.telemetry.prometheus_port is not None or settings.telemetry.otlp_endpoint:
+        from elbert_stream.telemetry import Telemetry
+
+        telemetry = Telemetry(settings.telemetry, replica_id=replica_id, num_layers=engine.model.num_layers)
+    worker = Worker(settings, engine, None, replica_id=replica_id, telemetry=telemetry)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    try:
+        while not stop.wait(0.5) and worker.alive():
+            pass
+        worker.stop(args.drain_timeout)
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()
+    if worker.error is not None:
+        log.error("worker stopped with an error: %r", worker.error)
+        return 1
+    log.info("worker %s stopped: %s", replica_id, worker.stats()["messages"])
+    return 0

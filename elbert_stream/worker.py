@@ -64,6 +64,7 @@ class Worker:
         self._jobs: deque[SyncJob] = deque()
         self._jobs_lock = threading.Lock()
         self._revoked: set[TopicPartition] = set()
+        self._num_dropped_revoked = 0
         self._stop = threading.Event()
         self._running = threading.Event()
         self._drain_deadline = float("inf")
@@ -136,6 +137,8 @@ class Worker:
             return []
         with self._jobs_lock:
             self._jobs.append(job)
+        if not self.alive():  # the loop ended meanwhile and will not take the job
+            job.fail(EngineFailure(f"worker {self.replica_id} stopped"), None)
         return job.wait(timeout_s)
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -218,8 +221,18 @@ class Worker:
         else:
             self._dead_letter(req.meta, e)
 
+    def _current(self, msg: InputMessage) -> bool:
+        """False for a message of a partition revoked since it was polled: its new owner re-reads it
+        from the last commit (which never covers it), so answering it would only add a duplicate."""
+        if self.tracker.is_current(msg.topic, msg.partition, msg.epoch):
+            return True
+        self._num_dropped_revoked += 1
+        return False
+
     def _dead_letter(self, msg: InputMessage, e: BadMessage) -> None:
         assert self.sink is not None
+        if not self._current(msg):
+            return
         headers = trace_headers(msg)
         if self.telemetry is not None:
             headers = self.telemetry.record_dead_letter(e.reason, msg.headers)
@@ -233,6 +246,8 @@ class Worker:
             meta = p.meta
             if isinstance(meta, SyncRef):
                 meta.job.set(meta.index, p)
+                continue
+            if not self._current(meta):
                 continue
             headers = trace_headers(meta)
             if self.telemetry is not None:
@@ -338,6 +353,7 @@ class Worker:
             pending_offsets=self.tracker.total_pending(),
             num_commits=source.num_commits if source is not None else 0,
             num_revocations=source.num_revocations if source is not None else 0,
+            num_dropped_revoked=self._num_dropped_revoked,
             exit_policy=self.settings.exit.model_dump(),
         )
         return out
@@ -369,36 +385,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    import os
-    import signal
-    import socket
+    from elbert_stream.kafka_cli import run_worker
 
-    from elbert_stream.engine import Engine
-
-    settings = Settings()
-    if args.bootstrap:
-        settings.kafka.bootstrap_servers = args.bootstrap
-    replica_id = args.replica_id or f"{socket.gethostname()}-{os.getpid()}"
-    engine = Engine.from_settings(settings)
-    telemetry = None
-    if settings.telemetry.prometheus_port is not None or settings.telemetry.otlp_endpoint:
-        from elbert_stream.telemetry import Telemetry
-
-        telemetry = Telemetry(settings.telemetry, replica_id=replica_id, num_layers=engine.model.num_layers)
-    worker = Worker(settings, engine, None, replica_id=replica_id, telemetry=telemetry)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    worker.start()
-    try:
-        while not stop.wait(0.5) and worker.alive():
-            pass
-        worker.stop(args.drain_timeout)
-    finally:
-        if telemetry is not None:
-            telemetry.shutdown()
-    if worker.error is not None:
-        log.error("worker stopped with an error: %r", worker.error)
-        return 1
-    log.info("worker %s stopped: %s", replica_id, worker.stats()["messages"])
-    return 0
+    return run_worker(args)
