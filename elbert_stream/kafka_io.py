@@ -42,6 +42,7 @@ from elbert_stream.records import (
 )
 
 log = logging.getLogger(__name__)
+COMMIT_TIMEOUT_MS = 5000  # a commit blocks the loop thread at most this long; it is retried next interval
 RECORD_REJECTED = (kerrors.MessageSizeTooLargeError, kerrors.RecordListTooLargeError,
                    kerrors.InvalidRecordError, kerrors.CorruptRecordError)
 
@@ -156,7 +157,7 @@ class KafkaSource:
             return {}
         try:
             self.consumer.commit({KTopicPartition(*tp): OffsetAndMetadata(off, "", -1)
-                                  for tp, off in offsets.items()})
+                                  for tp, off in offsets.items()}, timeout_ms=COMMIT_TIMEOUT_MS)
         except (kerrors.CommitFailedError, kerrors.KafkaError) as e:
             self.num_commit_failures += 1
             log.warning("commit of %s failed (will retry next interval): %r", _fmt(offsets), e)
@@ -176,7 +177,8 @@ class KafkaSource:
         if commit and ready:
             offsets = {KTopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in ready.items()}
             try:  # kafka-python 3.0's coroutine behind commit(); the public one blocks on this thread
-                await self.consumer._coordinator._commit_offsets_sync_async(offsets, timeout_ms=5000)
+                coordinator = self.consumer._coordinator
+                await coordinator._commit_offsets_sync_async(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
                 self.tracker.mark_committed(ready)
                 self.num_commits += 1
             except Exception as e:  # noqa: BLE001 - the new owner re-reads from the last commit
@@ -245,6 +247,7 @@ class KafkaSink:
         self._in_flight = 0
         cfg: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 2,
                                "delivery_timeout_ms": settings.delivery_timeout_ms,
+                               "request_timeout_ms": min(30_000, settings.delivery_timeout_ms // 2),
                                "compression_type": None if settings.compression_type == "none"
                                else settings.compression_type}
         cfg.update(producer_overrides)

@@ -274,3 +274,26 @@ def test_rebalance_commits_from_the_io_thread_and_never_skips(kafka_bootstrap: s
     print(f"[rebalance] a {a.stats()['messages']['ok']} (revocations {a.stats()['num_revocations']}), "
           f"b {b.stats()['messages']['ok']}, committed {sum(v or 0 for v in done.values())}/{len(sent)}, "
           f"duplicates {sum(len(v) - 1 for v in index.values())}")
+
+
+def test_broker_loss_fails_the_worker(tiny_model_dir: Path) -> None:
+    """Outputs that cannot be delivered within delivery_timeout_ms stop the worker with a
+    DeliveryError naming the message (its health check fails) instead of hanging."""
+    from elbert_stream.broker import EmbeddedBroker
+    from elbert_stream.kafka_io import DeliveryError
+
+    with EmbeddedBroker() as broker:
+        names = {"input": "in", "output": "out", "dead": "dlq", "group": "g"}
+        broker.create_topics(["in", "out", "dlq"], 1)
+        settings = worker_settings(broker.bootstrap, names, tiny_model_dir, engine={"max_slots": 2},
+                                   kafka={"delivery_timeout_ms": 3000})
+        produce(broker.bootstrap, "in", [(None, t, {}) for t in texts(3000, "loss")])
+        worker = Worker(settings, Engine.from_settings(settings), None, replica_id="r0").start()
+        try:
+            assert wait_for(lambda: worker.stats()["messages"]["ok"] >= 20, 60)
+            broker.stop()
+            assert wait_for(lambda: not worker.alive(), 60), worker.stats()
+        finally:
+            worker.stop(5)
+    assert isinstance(worker.error, DeliveryError), repr(worker.error)
+    assert "in[0]@" in str(worker.error)
