@@ -93,10 +93,11 @@ class KafkaSource:
 
     def __init__(self, settings: KafkaSettings, tracker: OffsetTracker, *, client_id: str = "elbert-stream",
                  on_revoke: Callable[[set[TopicPartition]], None] | None = None,
-                 isolation_level: str = "read_committed") -> None:
+                 isolation_level: str = "read_committed", commit_on_revoke: bool = True) -> None:
         self.settings = settings
         self.tracker = tracker
         self.on_revoke = on_revoke
+        self.commit_on_revoke = commit_on_revoke  # False with exactly_once: offsets go with the outputs
         self.paused = False
         self.num_commits = 0
         self.num_commit_failures = 0
@@ -144,13 +145,17 @@ class KafkaSource:
             self.consumer.resume(*self.consumer.paused())
             self.paused = False
 
-    def maybe_commit(self, force: bool = False) -> dict[TopicPartition, int]:
-        """Commit finished offsets when ``commit_interval_s`` has passed (or ``force``); returns them."""
+    def commit_due(self, force: bool = False) -> bool:
+        """True (and the interval restarts) when ``commit_interval_s`` has passed, or ``force``."""
         now = time.monotonic()
         if not force and now - self._last_commit_s < self.settings.commit_interval_s:
-            return {}
+            return False
         self._last_commit_s = now
-        return self._commit(self.tracker.committable())
+        return True
+
+    def maybe_commit(self, force: bool = False) -> dict[TopicPartition, int]:
+        """Commit finished offsets when ``commit_interval_s`` has passed (or ``force``); returns them."""
+        return self._commit(self.tracker.committable()) if self.commit_due(force) else {}
 
     def _commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         if not offsets:
@@ -174,7 +179,7 @@ class KafkaSource:
         tps = {TopicPartition(t.topic, t.partition) for t in revoked}
         self.num_revocations += bool(tps)
         ready = {tp: off for tp, off in self.tracker.committable().items() if tp in tps}
-        if commit and ready:
+        if commit and ready and self.commit_on_revoke:
             offsets = {KTopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in ready.items()}
             try:  # kafka-python 3.0's coroutine behind commit(); the public one blocks on this thread
                 coordinator = self.consumer._coordinator

@@ -25,7 +25,7 @@ from collections import Counter, deque
 from typing import Any
 
 from elbert_stream.config import ExitSettings, Settings
-from elbert_stream.errors import BadMessage, ConfigError, ElbertError, EngineFailure
+from elbert_stream.errors import BadMessage, ElbertError, EngineFailure
 from elbert_stream.kafka_io import KafkaSink, KafkaSource
 from elbert_stream.offsets import OffsetTracker, TopicPartition
 from elbert_stream.records import InputMessage, decode_input, output_record, trace_headers
@@ -45,9 +45,6 @@ class Worker:
                  telemetry: Any = None) -> None:
         self.settings = settings.model_copy(deep=True)
         k = self.settings.kafka
-        if k.delivery != "at_least_once":
-            raise ConfigError(f"kafka.delivery={k.delivery!r} is not implemented yet; use 'at_least_once' "
-                              "(docs/streaming.md, exactly_once design)")
         if k.group_instance_id is None:  # static membership by default; "" = dynamic membership
             k.group_instance_id = f"{k.group_id}-{replica_id}"
         elif not k.group_instance_id:
@@ -144,10 +141,17 @@ class Worker:
     # ---- the loop -----------------------------------------------------------------------------
     def _open(self) -> None:
         k = self.settings.kafka
+        eos = k.delivery == "exactly_once"
         self.source = KafkaSource(k, self.tracker, client_id=f"elbert-{self.replica_id}",
-                                  on_revoke=self._on_revoke)
-        self.sink = KafkaSink(k, self.tracker, replica_id=self.replica_id,
-                              client_id=f"elbert-{self.replica_id}")
+                                  on_revoke=self._on_revoke, commit_on_revoke=not eos)
+        if eos:
+            from elbert_stream.kafka_txn import TransactionalSink
+
+            self.sink = TransactionalSink(k, self.tracker, replica_id=self.replica_id,
+                                          client_id=f"elbert-{self.replica_id}")
+        else:
+            self.sink = KafkaSink(k, self.tracker, replica_id=self.replica_id,
+                                  client_id=f"elbert-{self.replica_id}")
         if self.telemetry is not None:
             self.telemetry.start(stats=self.telemetry_snapshot)
         log.info("worker %s: group %s as %s on %s", self.replica_id, k.group_id, k.group_instance_id,
@@ -172,7 +176,7 @@ class Worker:
             self._feed()
         if self.engine.has_work():
             self._route(self.engine.step())
-        self.source.maybe_commit()
+        self._commit()
         self._refresh_stats()
 
     def _ingest(self, msgs: list[InputMessage]) -> None:
@@ -274,6 +278,9 @@ class Worker:
         """Called on the consumer's IO thread: only record; ``_apply_revokes`` runs on the loop."""
         with self._jobs_lock:
             self._revoked |= tps
+        drop = getattr(self.sink, "drop", None)  # exactly_once: held results of these partitions
+        if drop is not None:
+            drop(tps)
 
     def _apply_revokes(self) -> None:
         """Drop backlog messages of revoked partitions (their new owner re-reads them)."""
@@ -294,13 +301,13 @@ class Worker:
             self._feed()
             if self.engine.has_work():
                 self._route(self.engine.step())
-            self.source.maybe_commit()
+            self._commit()
         left = len(self._backlog) + (1 if self.engine.has_work() else 0)
         if left:
             log.warning("worker %s: drain deadline hit with work left; it stays uncommitted", self.replica_id)
         self.sink.flush(max(1.0, deadline - time.monotonic()) if deadline < float("inf") else None)
         self.sink.raise_failures()
-        self.source.maybe_commit(force=True)
+        self._commit(force=True)
 
     def _close(self) -> None:
         with self._jobs_lock:
@@ -317,10 +324,19 @@ class Worker:
         if self.sink is not None:
             self.sink.close()
 
+    def _commit(self, force: bool = False) -> None:
+        """Commit on the interval (or now): offsets alone, or with exactly_once one transaction."""
+        assert self.source is not None and self.sink is not None
+        commit = getattr(self.sink, "commit", None)
+        if commit is not None:
+            commit(self.source, force)
+        else:
+            self.source.maybe_commit(force)
+
     def _close_source(self) -> None:
         if self.source is not None:
             if self.error is None:
-                self.source.maybe_commit(force=True)
+                self._commit(force=True)
             self.source.close()
 
     # ---- stats ---------------------------------------------------------------------------------

@@ -297,3 +297,40 @@ def test_broker_loss_fails_the_worker(tiny_model_dir: Path) -> None:
             worker.stop(5)
     assert isinstance(worker.error, DeliveryError), repr(worker.error)
     assert "in[0]@" in str(worker.error)
+
+
+def test_exactly_once_outputs_become_visible_with_their_offsets(kafka_bootstrap: str, topics: dict[str, str],
+                                                                tiny_model_dir: Path) -> None:
+    """delivery=exactly_once: a read_committed reader never sees more answers for a partition than the
+    group has committed (outputs and offsets go in one transaction; with at_least_once outputs run
+    ahead of commits); after a drain and a restart every input has exactly one answer."""
+    settings = worker_settings(kafka_bootstrap, topics, tiny_model_dir, engine={"max_slots": 4},
+                               kafka={"delivery": "exactly_once", "commit_interval_s": 0.3})
+    items = [(None, t, {}) for t in texts(800, "eos")]
+    items[7] = (b"bad", b"\xff\xfe", {})
+    sent = produce(kafka_bootstrap, topics["input"], items)
+    reader = Reader(kafka_bootstrap, [topics["output"], topics["dead"]], isolation_level="read_committed")
+    mid_samples = 0
+    try:
+        with running(settings) as worker:
+            while worker.stats()["messages"]["ok"] + worker.stats()["messages"]["dead_letter"] < len(sent):
+                reader.poll(50)
+                seen = Counter(pos[1] for pos in by_source({"out": reader.records[topics["output"]],
+                                                            "dead": reader.records[topics["dead"]]}))
+                done = committed(kafka_bootstrap, topics["group"], topics["input"], 4)
+                assert all(seen[p] <= (done[p] or 0) for p in range(4)), (seen, done)
+                mid_samples += 0 < sum(seen.values()) < len(sent)
+                assert worker.alive(), worker.error
+            tx = worker.sink.num_transactions  # type: ignore[union-attr]
+        second = produce(kafka_bootstrap, topics["input"], [(None, t, {}) for t in texts(50, "eos2")])
+        with running(settings) as worker:
+            assert wait_for(lambda: worker.stats()["messages"]["ok"] >= len(second), 60)
+        got = reader.read(len(sent) + len(second), timeout_s=30, settle_s=1.0)
+    finally:
+        reader.close()
+    index = by_source({"out": got[topics["output"]], "dead": got[topics["dead"]]})
+    duplicates = sum(len(v) - 1 for v in index.values())
+    print(f"[exactly_once] {tx} transactions, {mid_samples} mid-stream samples, duplicates {duplicates}")
+    assert mid_samples >= 3
+    assert sorted(index) == sorted(r.position for r in sent + second) and duplicates == 0
+    assert [k for k, _ in index[sent[7].position]] == ["dead"]
