@@ -5,7 +5,9 @@ while the network works: it polls with ``poll_timeout_ms`` only when the engine 
 otherwise. Backpressure: polled requests the engine cannot queue wait in a local backlog (at most one
 poll's worth) and every assigned partition is paused until the backlog drains, so memory stays
 bounded whatever the lag. Offsets are committed only over results the broker acknowledged (see
-``offsets.py``); delivery failures are handled as ``kafka_io.py`` documents.
+``offsets.py``); delivery failures are handled as ``kafka_io.py`` documents. With
+``kafka.delivery=exactly_once`` results and offsets are committed together in transactions
+(``kafka_txn.py``).
 
 ``stop(timeout_s)`` drains: stop polling, finish the backlog and the busy slots, flush the producer,
 commit, and close the consumer. With static membership (``group_instance_id``; defaulted here to
