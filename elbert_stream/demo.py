@@ -107,7 +107,7 @@ def run_demo(args: argparse.Namespace) -> int:
         console.print(f"[bold]broker[/] Tansu on {broker.bootstrap}, {args.partitions} partitions per topic")
         try:
             http_port = free_port()
-            deployment.start_local_ray(args.cpus, http_port=http_port)
+            deployment.start_local_ray(args.cpus, http_port=http_port, log_to_driver=args.verbose)
             deployment.run_local_app(demo_overrides(broker.bootstrap, args.model), name="elbert-demo",
                                      num_replicas=args.replicas, num_cpus=args.cpus / args.replicas)
             owners = deployment.wait_until_consuming("elbert-demo", http_port, num_replicas=args.replicas)
@@ -138,8 +138,9 @@ def _stream(console: Any, bootstrap: str, data: Dataset,
     with TopicReader(bootstrap, [OUTPUT, DEAD]) as reader, live:
         start = time.monotonic()
         done = reader.poll_until(
-            lambda r: r.count(OUTPUT) + r.count(DEAD) >= total, timeout_s,
-            on_progress=lambda r: live.update(_progress(r, total, start)))
+            lambda r: r.count(OUTPUT) + r.count(DEAD) >= total
+            and not account(sent, r.records[OUTPUT], r.records[DEAD]).lost,
+            timeout_s, on_progress=lambda r: live.update(_progress(r, total, start)))
         if not done:
             console.print(f"[red]timed out after {timeout_s:.0f}s[/]")
         acc = account(sent, reader.records[OUTPUT], reader.records[DEAD])
@@ -181,7 +182,7 @@ def _print_summary(console: Any, data: Dataset, acc: Accounting, sent: list[Sent
 
     outs = [o for recs in acc.outputs.values() for o in recs[:1]]
     by_id = {e.id: e for e in data.examples}
-    correct = sum(1 for o in outs if o.id in by_id and o.label == data.label_names[by_id[str(o.id)].label])
+    correct = sum(1 for o in outs if str(o.id) in by_id and o.label_index == by_id[str(o.id)].label)
     e2e = [o.end_to_end_ms for o in outs if o.end_to_end_ms is not None]
     first_sent = min(s.sent_s for s in sent)
     last_out = max((o.produced_ms / 1e3 for o in outs), default=first_sent)
@@ -206,6 +207,11 @@ def _print_summary(console: Any, data: Dataset, acc: Accounting, sent: list[Sent
     table.add_row("dead letters", ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items())) or "none")
     table.add_row("dead letters as expected",
                   "yes" if reasons == expected else f"NO (expected {dict(expected)})")
+    if acc.lost:
+        by_part = Counter(p for _, p, _ in acc.lost)
+        table.add_row("lost (never answered)", ", ".join(
+            f"partition {p}: {n} from offset {min(o for _, q, o in acc.lost if q == p)}"
+            for p, n in sorted(by_part.items())))
     table.add_row("left-over processes", ", ".join(leftovers) or "none")
     table.add_row("wall time", f"{elapsed_s:.1f} s")
     console.print(table)
@@ -238,11 +244,12 @@ def _child_processes() -> list[str]:
 def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("demo", help="broker + Ray Serve + the BBC test split, end to end, with a summary")
     p.add_argument("--model", default=None, help="model dir (default: the shipped BBC model)")
-    p.add_argument("--replicas", type=int, default=2, help="ElbertWorker replicas")
+    p.add_argument("--replicas", type=int, default=1, help="ElbertWorker replicas (sharing --cpus)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs for the local Ray (split among replicas)")
     p.add_argument("--partitions", type=int, default=4, help="partitions per topic")
     p.add_argument("--limit", type=int, default=0, help="only the first N test articles (0 = all)")
     p.add_argument("--timeout", type=float, default=150.0, help="give up waiting after this many seconds")
+    p.add_argument("--verbose", action="store_true", help="show the replicas' logs (Ray log_to_driver)")
     p.set_defaults(func=_cli)
 
 

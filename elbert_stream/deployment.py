@@ -137,6 +137,21 @@ def _graceful_shutdown_s(ctx: Any) -> float:
     return float(value) if value else DEFAULT_GRACEFUL_SHUTDOWN_S
 
 
+def _replica_log_level() -> None:
+    """``ELBERT_LOG_LEVEL`` (e.g. INFO) sets the ``elbert_stream`` loggers' level in the replica
+    (Serve's logging_config only covers ``ray.serve``); read here, at the edge."""
+    import os
+
+    level = os.environ.get("ELBERT_LOG_LEVEL")
+    if level:
+        logger = logging.getLogger("elbert_stream")
+        logger.setLevel(level.upper())
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+
+
 def _set_torch_threads() -> None:
     """torch threads = CPUs Ray assigned to this replica (at least 1; a fractional share gets 1)."""
     import ray
@@ -180,6 +195,7 @@ class ElbertWorker:
     """One replica = one engine + one Kafka worker (see the module docstring for the contract)."""
 
     def __init__(self, overrides: Mapping[str, Any] | str | None = None) -> None:
+        _replica_log_level()
         ctx = serve.get_replica_context()
         self.replica_tag: str = ctx.replica_tag
         self._local_rank = int(getattr(ctx.rank, "local_rank", 0) or 0) if ctx.rank is not None else 0

@@ -73,6 +73,9 @@ class Stream:
 
     def produce(self, values: list[bytes | None], rate_per_s: float | None = None,
                 keys: list[bytes | None] | None = None) -> list[Sent]:
+        """Distinct keys by default, so every partition gets traffic (null keys stick to one)."""
+        if keys is None:
+            keys = [f"{self.name}-{len(self.sent) + i}".encode() for i in range(len(values))]
         sent = produce_values(self.bootstrap, self.input, values, keys, rate_per_s=rate_per_s)
         self.sent += sent
         return sent
@@ -102,12 +105,19 @@ class Stream:
                                      headers={"content-type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, json.loads(resp.read())
+                return resp.status, _json_or_text(resp.read())
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"null")
+            return e.code, _json_or_text(e.read())
 
     def delete(self) -> None:
         deployment.delete_local_app(self.name)
+
+
+def _json_or_text(body: bytes) -> Any:
+    try:
+        return json.loads(body or b"null")
+    except ValueError:
+        return body.decode("utf-8", "replace")
 
 
 def report(name: str, acc: Accounting) -> str:

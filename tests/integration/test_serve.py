@@ -88,7 +88,7 @@ def test_scale_two_one_two_loses_nothing(stream: Stream) -> None:
     stream.deploy(2)
     assert len(deployment.replica_actor_names(stream.name)) == 2
     producer.join(60)
-    acc = stream.wait_all(90)
+    acc = stream.wait_all(150)
     report("scale 2 -> 1 -> 2", acc)
     assert len(stream.sent) == 1200
     assert not acc.lost, f"lost {len(acc.lost)} while scaling: {acc.lost[:5]}"
@@ -102,8 +102,7 @@ def test_bad_input_mix_is_dead_lettered_and_the_stream_goes_on(stream: Stream) -
     bad = bad_inputs()
     huge = b"y" * 1_500_000  # bigger than the producer's default max request: must still be dead-lettered
     values = good[:20] + [b.value for b in bad] + [huge] + good[20:]
-    keys = [f"k{i}".encode() for i in range(len(values))]  # a tombstone needs a key
-    sent = stream.produce(values, keys=keys)
+    sent = stream.produce(values)
     acc = stream.wait_all(60)
     report("bad input mix", acc)
     assert not acc.lost and acc.num_duplicates == 0 and acc.strays == 0
@@ -159,7 +158,7 @@ def test_dead_worker_fails_health_check_and_is_replaced(stream: Stream) -> None:
         while time.monotonic() < deadline and (len(seen) < 2 or unhealthy is None):
             seen |= set(deployment.replica_actor_names(stream.name))
             code, body = stream.http("GET", "/healthz")
-            if code == 503:
+            if code == 503 and isinstance(body, dict):
                 unhealthy = body["detail"]
             time.sleep(0.3)
         assert unhealthy is not None and str(port) in unhealthy, unhealthy
