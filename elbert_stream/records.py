@@ -17,9 +17,9 @@ from elbert_stream.request import Prediction
 
 SCHEMA_VERSION = 1
 TRACE_HEADERS = ("traceparent", "tracestate")  # W3C trace context, carried input -> output
-DEAD_LETTER_REASONS = (
+DEAD_LETTER_REASONS = (  # decode_input's, the worker's (tokenizer, producer) and Engine.add's
     "not_utf8", "empty", "null_value", "too_large", "text_too_long", "bad_json", "no_text",
-    "tokenizer_error", "output_rejected",
+    "tokenizer_error", "output_rejected", "too_long", "bad_token_id",
 )
 Headers = list[tuple[str, bytes]]
 
