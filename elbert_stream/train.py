@@ -363,12 +363,17 @@ def _loop(
 
 
 def finish(cfg: TrainConfig, result: TrainResult) -> Path:
-    """Choose exit defaults on validation, save the model dir (+ split.json, MODEL_CARD.md)."""
+    """Round the weights to ``save_dtype``, choose exit defaults on validation, save the model dir
+    (+ ``split.json``, ``MODEL_CARD.md``); the card's numbers are those of the saved weights."""
     from elbert_stream.model_card import write_model_card
 
     data = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
     split = stratified_split(data.labels, cfg.split_seed)
     model, tok = result.model, result.tokenizer
+    dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.save_dtype]
+    with torch.no_grad():  # score exactly the weights that will be saved
+        for param in model.parameters():
+            param.copy_(param.to(dtype).to(param.dtype))
     probs = {}
     for name in ("val", "test"):
         part = data.subset(split[name])
@@ -385,7 +390,6 @@ def finish(cfg: TrainConfig, result: TrainResult) -> Path:
         score.mean_exit_depth,
     )
     out = Path(cfg.out)
-    dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.save_dtype]
     model.save_pretrained(out, tokenizer=tok, dtype=dtype)
     write_split(out / "split.json", data, split, cfg.split_seed, cfg.data)
     write_model_card(out, cfg, model, probs, result.train_seconds, result.steps)
