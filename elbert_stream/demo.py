@@ -109,7 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
             http_port = free_port()
             deployment.start_local_ray(args.cpus, http_port=http_port, log_to_driver=args.verbose)
             deployment.run_local_app(demo_overrides(broker.bootstrap, args.model), name="elbert-demo",
-                                     num_replicas=args.replicas, num_cpus=args.cpus / args.replicas)
+                                     num_replicas=args.replicas, num_cpus=min(1.0, args.cpus / args.replicas))
             owners = deployment.wait_until_consuming("elbert-demo", http_port, num_replicas=args.replicas)
             console.print(f"[bold]serve[/] {len(owners)} ElbertWorker replica(s) consuming, "
                           f"HTTP on 127.0.0.1:{http_port} ({time.monotonic() - t0:.1f}s since start)")
@@ -244,8 +244,9 @@ def _child_processes() -> list[str]:
 def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("demo", help="broker + Ray Serve + the BBC test split, end to end, with a summary")
     p.add_argument("--model", default=None, help="model dir (default: the shipped BBC model)")
-    p.add_argument("--replicas", type=int, default=1, help="ElbertWorker replicas (sharing --cpus)")
-    p.add_argument("--cpus", type=int, default=2, help="CPUs for the local Ray (split among replicas)")
+    p.add_argument("--replicas", type=int, default=1, help="ElbertWorker replicas")
+    p.add_argument("--cpus", type=int, default=2,
+                   help="CPUs of the local Ray; each replica takes 1 (one torch thread: fastest here)")
     p.add_argument("--partitions", type=int, default=4, help="partitions per topic")
     p.add_argument("--limit", type=int, default=0, help="only the first N test articles (0 = all)")
     p.add_argument("--timeout", type=float, default=150.0, help="give up waiting after this many seconds")

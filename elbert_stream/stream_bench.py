@@ -102,28 +102,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     texts = repeat_to(bench_texts(), args.messages)[: args.messages]
     settings = Settings.model_validate({"model": {"path": args.model}})
-    engine_before = engine_only(settings, texts, args.cpus)
+    engine_before = engine_only(settings, texts, args.threads)
     log.info("engine alone: %.1f msg/s", engine_before["msgs_per_s"])
     with EmbeddedBroker() as broker:
         broker.create_topics([INPUT, OUTPUT, DEAD], args.partitions)
         try:
             deployment.start_local_ray(args.cpus, http_port=free_port())
             deployment.run_local_app(bench_settings(broker.bootstrap, args.model, "elbert-bench"),
-                                     name="elbert-bench", num_replicas=1, num_cpus=args.cpus)
+                                     name="elbert-bench", num_replicas=1, num_cpus=args.threads)
             _warm_up(broker.bootstrap, texts[:32], args.timeout)
             saturated = stream_phase(broker.bootstrap, texts, None, args.timeout, skip_outputs=32)
             rate = args.load * engine_before["msgs_per_s"]
             fixed = stream_phase(broker.bootstrap, texts, rate, args.timeout, skip_outputs=32 + len(texts))
         finally:
             deployment.shutdown_local_ray()
-    engine_after = engine_only(settings, texts, args.cpus)
+    engine_after = engine_only(settings, texts, args.threads)
     # the better of the two engine runs (they bracket the stream runs): a conservative ratio on a
     # machine whose load may change during the run
     engine = max(engine_before, engine_after, key=lambda e: e["msgs_per_s"])
     return {
         "benchmark": "stream",
         "command": getattr(args, "command_line", None) or shlex.join(["elbert-stream", *sys.argv[1:]]),
-        "machine": {"cpus_used": args.cpus, "torch_threads": args.cpus, "python": platform.python_version(),
+        "machine": {"ray_cpus": args.cpus, "torch_threads": args.threads, "python": platform.python_version(),
                     "torch": torch.__version__, "cuda": torch.cuda.is_available()},
         "model": args.model or "shipped", "partitions": args.partitions,
         "engine": engine, "engine_runs_msgs_per_s": [engine_before["msgs_per_s"], engine_after["msgs_per_s"]],
@@ -162,7 +162,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         "# Streaming benchmark: broker -> Serve replica -> broker vs the engine alone", "",
         f"Command: `{doc['command']}`", "",
-        f"Machine: {doc['machine']['cpus_used']} CPUs (torch threads {doc['machine']['torch_threads']}), "
+        f"Machine: local Ray with {doc['machine']['ray_cpus']} CPUs; the replica and the engine alone both "
+        f"use {doc['machine']['torch_threads']} torch thread(s) (= the replica's num_cpus); "
         f"CUDA {doc['machine']['cuda']}; model {doc['model']}; {doc['partitions']} input partitions; "
         f"{e['messages']} BBC val+test texts per row.", "",
         "| path | msg/s | p50 e2e ms | p99 e2e ms | mean exit depth | lost / duplicates |",
@@ -182,7 +183,10 @@ def markdown(doc: dict[str, Any]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model dir (default: the shipped BBC model)")
     p.add_argument("--messages", type=int, default=1000, help="texts per measurement")
-    p.add_argument("--cpus", type=int, default=2, help="CPUs for the replica and the engine-alone run")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the engine-alone run = the replica's num_cpus (1 is fastest on a "
+                        "shared 2-core machine)")
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--load", type=float, default=0.7, help="fixed offered load as a fraction of engine msg/s")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each phase")
