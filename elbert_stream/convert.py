@@ -144,6 +144,8 @@ def trim_vocab(
     by_id = {i: p for p, i in vocab.items()}
     new_vocab = {by_id[old]: new for new, old in enumerate(keep)}
     emb = model.embeddings.word_embeddings
+    if not isinstance(emb, torch.nn.Embedding):
+        raise ModelLoadError(f"cannot trim word embeddings of type {type(emb).__name__}")
     new_emb = torch.nn.Embedding(len(keep), emb.embedding_dim, padding_idx=new_vocab.get("[PAD]"))
     new_emb.weight.data.copy_(emb.weight.data[torch.tensor(keep)])  # [V', E]
     model.embeddings.word_embeddings = new_emb
