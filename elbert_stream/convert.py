@@ -158,3 +158,35 @@ def trim_vocab(
     new_tok = BertTokenizer(vocab=new_vocab, do_lower_case=True, model_max_length=tokenizer.model_max_length)
     log.info("trimmed vocabulary %d -> %d pieces", len(vocab), len(keep))
     return new_tok
+
+
+def train_sentencepiece(texts: list[str], out: Path, vocab_size: int = 8000) -> PreTrainedTokenizerBase:
+    """A SentencePiece unigram model trained on ``texts``, saved as ``spiece.model`` and wrapped as an
+    ALBERT tokenizer built from its (piece, score) list."""
+    import sentencepiece as spm
+    from transformers import AlbertTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / "spiece"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        pad_piece="<pad>",
+        unk_piece="<unk>",
+        bos_piece="[CLS]",
+        eos_piece="[SEP]",
+        user_defined_symbols=["[MASK]"],
+        normalization_rule_name="nmt_nfkc_cf",
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    (out / "spiece.vocab").unlink(missing_ok=True)
+    return AlbertTokenizer(vocab=vocab)

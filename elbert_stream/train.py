@@ -117,6 +117,12 @@ def elbert_loss(
     return (weights * ce).sum(), ce.detach()
 
 
+def _sentencepiece(texts: list[str], out: Path) -> PreTrainedTokenizerBase:
+    from elbert_stream.convert import train_sentencepiece
+
+    return train_sentencepiece(texts, out)
+
+
 # ---- initialisation ---------------------------------------------------------------------------
 def init_model(
     cfg: TrainConfig, data: Dataset, train_texts: list[str]
@@ -130,11 +136,7 @@ def init_model(
         if cfg.trim_vocab:
             tok = trim_vocab(model, tok, data.texts)
     elif cfg.init in SMALL_CONFIGS:
-        tok = (
-            load_tokenizer(cfg.tokenizer)
-            if cfg.tokenizer
-            else train_sentencepiece(train_texts, Path(cfg.out))
-        )
+        tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else _sentencepiece(train_texts, Path(cfg.out))
         kwargs: dict[str, Any] = dict(
             vocab_size=len(tok),
             num_hidden_layers=cfg.num_layers,
@@ -156,38 +158,6 @@ def init_model(
         raise ConfigError(f"--init {cfg.init!r} is neither an ALBERT dir nor one of {sorted(SMALL_CONFIGS)}")
     model.extras.name, model.extras.version = cfg.name, cfg.version
     return model, tok
-
-
-def train_sentencepiece(texts: list[str], out: Path, vocab_size: int = 8000) -> PreTrainedTokenizerBase:
-    """A SentencePiece unigram model trained on ``texts``, saved as ``spiece.model`` and wrapped as an
-    ALBERT tokenizer built from its (piece, score) list."""
-    import sentencepiece as spm
-    from transformers import AlbertTokenizer
-
-    out.mkdir(parents=True, exist_ok=True)
-    prefix = out / "spiece"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_prefix=str(prefix),
-        vocab_size=vocab_size,
-        model_type="unigram",
-        pad_id=0,
-        unk_id=1,
-        bos_id=2,
-        eos_id=3,
-        pad_piece="<pad>",
-        unk_piece="<unk>",
-        bos_piece="[CLS]",
-        eos_piece="[SEP]",
-        user_defined_symbols=["[MASK]"],
-        normalization_rule_name="nmt_nfkc_cf",
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    sp = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
-    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    (out / "spiece.vocab").unlink(missing_ok=True)
-    return AlbertTokenizer(vocab=vocab)
 
 
 def make_optimizer(
@@ -294,6 +264,33 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
     return TrainResult(model, tok, val_acc[0], val_acc[1], total)
 
 
+def _step(cfg: TrainConfig, model: ElbertModel, opt: Any, sched: Any, batch: tuple, step: int) -> tuple:
+    """One optimizer step on ``batch`` = (ids, mask, labels); returns (loss, CE per depth ``[L]``)."""
+    ids, mask, labels = (t.to(model.device) for t in batch)
+    torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks: resumable
+    logits = model(ids, mask)  # [L, b, K]
+    loss, ce = elbert_loss(logits, labels, model.depth_weights())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss.detach(), ce
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cols = (
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+    )
+    return Progress(*cols, transient=False)
+
+
 def _loop(
     cfg: TrainConfig,
     model: ElbertModel,
@@ -306,37 +303,19 @@ def _loop(
     total: int,
     elapsed: float,
 ) -> tuple[list[float], float]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    ids, mask, labels = train_t
-    n, per_epoch = ids.shape[0], -(-ids.shape[0] // cfg.batch_size)
+    """Steps ``step..stop-1`` (of ``total``); validation + checkpoint at each epoch end."""
+    n, per_epoch = train_t[0].shape[0], -(-train_t[0].shape[0] // cfg.batch_size)
     val_acc: list[float] = []
     start = time.perf_counter() - elapsed
-    cols = (
-        TextColumn("train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.description}"),
-    )
-    with Progress(*cols, transient=False) as bar:
+    with _progress() as bar:
         task = bar.add_task("", total=total, completed=step)
         while step < stop:
             epoch, offset = divmod(step, per_epoch)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
             model.train()
-            for b in range(offset, per_epoch):
-                if step >= stop:
-                    break
+            for b in range(offset, min(per_epoch, offset + stop - step)):
                 idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks: resumable
-                logits = model(ids[idx].to(model.device), mask[idx].to(model.device))  # [L, b, K]
-                loss, ce = elbert_loss(logits, labels[idx].to(model.device), model.depth_weights())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
+                loss, ce = _step(cfg, model, opt, sched, tuple(t[idx] for t in train_t), step)
                 step += 1
                 bar.update(task, advance=1, description=f"loss {loss.item():.3f} ce@L {ce[-1].item():.3f}")
                 if step % cfg.checkpoint_every == 0 and step < stop:

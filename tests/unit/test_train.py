@@ -119,7 +119,7 @@ def test_cli_flags_override_recipe_and_bad_init_is_a_config_error(tmp_path) -> N
 
 
 def test_sentencepiece_tokenizer_from_training_texts(tmp_path) -> None:
-    from elbert_stream.train import train_sentencepiece
+    from elbert_stream.convert import train_sentencepiece
 
     texts = [
         f"the market for {w} shares rose {i} points" for i, w in enumerate(["film", "chip", "vote"] * 40)
