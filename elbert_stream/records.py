@@ -88,6 +88,8 @@ def _decode_text(raw: str, input_format: str) -> Decoded:
         return Decoded(raw)
     try:
         obj = json.loads(raw)
+    except RecursionError:  # a JSON bomb: nesting deeper than the interpreter's recursion limit
+        raise BadMessage("bad_json", f"JSON nested too deeply to parse: {_quote(raw)}") from None
     except ValueError as e:
         if input_format == "auto":
             return Decoded(raw)  # looked like JSON but is not: treat it as text
@@ -100,7 +102,19 @@ def _decode_text(raw: str, input_format: str) -> Decoded:
     if not isinstance(text, str):
         raise BadMessage("no_text", f"JSON has no string 'text' (got {type(text).__name__}): {_quote(raw)}")
     rid = obj.get("id")
-    return Decoded(text, rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None)
+    rid = rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+    for name, s in (("text", text), ("id", rid)):
+        if isinstance(s, str) and not _encodable(s):  # a \ud800-style escape: no UTF-8 output possible
+            raise BadMessage("not_utf8", f"JSON '{name}' holds a lone surrogate: {_quote(raw)}")
+    return Decoded(text, rid)
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _quote(raw: str, limit: int = 80) -> str:
