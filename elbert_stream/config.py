@@ -28,7 +28,9 @@ class ModelSettings(BaseModel):
 class ExitSettings(BaseModel):
     """Exit rule. ``None`` values take the model's saved defaults (its config's ``elbert`` block)."""
 
-    policy: PolicyName = "confidence_window"
+    policy: PolicyName = Field(
+        "confidence_window", description="confidence_window (ELBERT), entropy, patience (PABEE) or none"
+    )
     tau: float | None = Field(None, ge=0.0, le=1.0, description="normalised-entropy threshold (stage 1)")
     window: int | None = Field(None, ge=1, description="confidence window length in depths (stage 2)")
     patience: int | None = Field(None, ge=1, description="PABEE patience (policy=patience)")
@@ -37,47 +39,69 @@ class ExitSettings(BaseModel):
 
 
 class EngineSettings(BaseModel):
+    """The continuous-batching engine; see docs/engine.md."""
+
+    mode: Literal["continuous", "compaction", "naive"] = Field(
+        "continuous", description="continuous = refill free slots every step (the product); the other two "
+        "are the benchmark's baselines"
+    )
     max_slots: int = Field(64, ge=1, description="samples in flight at once (rows of the slot table)")
     max_batch_tokens: int = Field(8192, ge=8, description="sum of token lengths over busy slots")
     max_queue: int = Field(1024, ge=1, description="waiting requests before add() reports full")
 
 
 class KafkaSettings(BaseModel):
-    bootstrap_servers: str = "127.0.0.1:9092"
-    input_topics: list[str] = Field(default_factory=lambda: ["elbert-input"])
-    output_topic: str = "elbert-output"
-    dead_letter_topic: str = "elbert-dead-letter"
-    group_id: str = "elbert-stream"
+    """Kafka source and sink; see docs/streaming.md. Secrets are SecretStr: never logged or exported."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="comma-separated host:port list")
+    input_topics: list[str] = Field(default_factory=lambda: ["elbert-input"], description="topics to consume")
+    output_topic: str = Field("elbert-output", description="one versioned JSON record per input")
+    dead_letter_topic: str = Field("elbert-dead-letter", description="original bytes + reason headers")
+    group_id: str = Field("elbert-stream", description="consumer group shared by all replicas")
     group_instance_id: str | None = Field(
         None, description="static membership id; the Serve replica sets one per replica"
     )
     input_format: Literal["text", "json", "auto"] = Field(
         "auto", description="text = UTF-8 value; json = {'text':..,'id':..}; auto = json if it parses"
     )
-    max_message_bytes: int = Field(1_000_000, ge=1)
+    max_message_bytes: int = Field(1_000_000, ge=1, description="larger values are dead-lettered (bytes)")
     max_text_chars: int = Field(100_000, ge=1, description="longer texts are dead-lettered")
-    session_timeout_ms: int = Field(10_000, ge=1000)
-    heartbeat_interval_ms: int = Field(2_000, ge=100)
-    max_poll_records: int = Field(256, ge=1)
-    poll_timeout_ms: int = Field(20, ge=0)
-    commit_interval_s: float = Field(1.0, gt=0)
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
-    transactional_id_prefix: str = "elbert-stream"
-    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    session_timeout_ms: int = Field(10_000, ge=1000, description="consumer group session timeout (ms)")
+    heartbeat_interval_ms: int = Field(2_000, ge=100, description="consumer heartbeat period (ms)")
+    max_poll_records: int = Field(256, ge=1, description="records per poll (a poll is the backlog bound)")
+    poll_timeout_ms: int = Field(20, ge=0, description="poll wait when the engine is idle (ms)")
+    commit_interval_s: float = Field(
+        1.0, gt=0, description="offset commit period (s); bounds duplicates after a crash"
+    )
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="where a group with no committed offset starts"
+    )
+    delivery: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once", description="exactly_once = transactions; read the output with read_committed"
+    )
+    transactional_id_prefix: str = Field(
+        "elbert-stream", description="exactly_once: transactional.id = prefix + replica id (fencing)"
+    )
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="producer compression of output and dead-letter batches"
+    )
     delivery_timeout_ms: int = Field(
         120_000, ge=1000, description="producer retries a send this long (ms); past it the worker fails"
     )
     # security
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    ssl_password: SecretStr | None = None
-    ssl_check_hostname: bool = True
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="SASL_* needs the sasl_* settings; *SSL uses the ssl_* settings"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism"
+    )
+    sasl_username: str | None = Field(None, description="SASL user")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (secret)")
+    ssl_cafile: str | None = Field(None, description="CA bundle (PEM) that signed the brokers' certificates")
+    ssl_certfile: str | None = Field(None, description="client certificate (PEM) for mutual TLS")
+    ssl_keyfile: str | None = Field(None, description="client private key (PEM) for mutual TLS")
+    ssl_password: SecretStr | None = Field(None, description="password of the client key (secret)")
+    ssl_check_hostname: bool = Field(True, description="verify the broker's hostname against its certificate")
 
     @model_validator(mode="after")
     def _check_sasl(self) -> KafkaSettings:
@@ -108,7 +132,7 @@ class TelemetrySettings(BaseModel):
     trace_sample_ratio: float = Field(
         1.0, ge=0.0, le=1.0, description="parent-based: the producer's sampled flag wins; ratio for roots"
     )
-    service_name: str = "elbert-stream"
+    service_name: str = Field("elbert-stream", description="OpenTelemetry service.name")
 
 
 class AutoscalingSettings(BaseModel):

@@ -155,7 +155,7 @@ class Engine:
 
     # ---- construction from settings ---------------------------------------------------------------
     @classmethod
-    def from_settings(cls, settings: Settings, *, mode: BatchMode = "continuous") -> Engine:
+    def from_settings(cls, settings: Settings, *, mode: BatchMode | None = None) -> Engine:
         """Load model (None path = shipped), tokenizer, device, dtype and exit policy from settings."""
         device = resolve_device(settings.model.device)
         dtype = resolve_dtype(settings.model.dtype, device)
@@ -165,7 +165,7 @@ class Engine:
         log.info("engine: model %s v%s on %s/%s, policy %s, mode %s", model.extras.name,
                  model.extras.version, device, dtype, policy.describe(), mode)
         return cls(model, policy, settings.engine, max_length=settings.model.max_length, tokenizer=tokenizer,
-                   mode=mode, compile=settings.model.compile)
+                   mode=mode or settings.engine.mode, compile=settings.model.compile)
 
     # ---- public API -------------------------------------------------------------------------------
     @property

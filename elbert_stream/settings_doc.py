@@ -45,7 +45,8 @@ def render() -> str:
     ]
     for section, sfield in Settings.model_fields.items():
         model = sfield.annotation
-        assert isinstance(model, type) and issubclass(model, BaseModel)  # noqa: S101 - static structure
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise TypeError(f"settings section {section!r} is not a pydantic model: {model!r}")
         lines += [f"## `{section}`", ""]
         doc = (model.__doc__ or "").strip().splitlines()
         if doc and not doc[0].startswith("!!!"):
