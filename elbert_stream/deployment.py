@@ -18,15 +18,14 @@ the replica: the old one drains (finish in-flight, flush, commit), then a new en
 start. ``check_health`` raises once the worker has died, so Serve replaces the replica.
 ``__del__`` (Serve's graceful stop) drains within ``graceful_shutdown_timeout_s``.
 
-Kafka static membership: every replica consumes with ``group_instance_id = "{prefix}-r{rank}"``
-(prefix = ``kafka.group_instance_id`` or ``kafka.group_id``; ``rank`` = the replica's Serve rank,
-unique among live replicas, like a StatefulSet ordinal). Static members never send LeaveGroup (a
-LeaveGroup during a rebalance wedges a Tansu 0.6 group for good), and a replacement replica
-(crash, ``ray.kill``, rolling update) is given the freed rank, so it rejoins under the same id and
-takes over the partitions of the member it replaces. Why not the replica's unique tag: Tansu 0.6
-never expires a static member that stopped heartbeating, so a new id would leave the old one's
-partitions unread. When Serve re-packs ranks (``reconfigure(..., rank)``), the worker restarts
-under its new id. See docs/serving.md for what this means for scale-down.
+Kafka group membership (measured on Tansu 0.6; docs/serving.md has the table): by default every
+replica is a DYNAMIC member. Tansu expires a dead dynamic member after ``kafka.session_timeout_ms``
+but never a departed STATIC one (its partitions stay with the ghost until the same
+``group_instance_id`` returns), and Serve's ranks move (a replacement often starts on a new rank
+and is re-packed a moment later), so rank-based static ids leave ghosts that wedge the group.
+Setting ``kafka.group_instance_id`` (a prefix) opts into static membership as
+``"{prefix}-r{rank}"`` (KIP-345: meant for a real Kafka, which expires departed static members);
+the worker then restarts under its new id when Serve re-packs ranks.
 
 HTTP (``route_prefix``, default ``/``): ``POST /classify`` ``{"texts": [...]}`` ->
 ``{"predictions": [...]}`` through the same engine; ``GET /stats``; ``GET /healthz``.
@@ -104,9 +103,10 @@ def changed_sections(old: Settings, new: Settings) -> set[str]:
 
 
 def group_instance_id(settings: Settings, rank: int) -> str:
-    """The static-membership id of the replica with Serve rank ``rank`` (see the module docstring)."""
-    prefix = settings.kafka.group_instance_id or settings.kafka.group_id
-    return f"{prefix}-r{rank}"
+    """The replica's member id for the worker: ``""`` (dynamic membership) unless
+    ``kafka.group_instance_id`` names a prefix, then ``"{prefix}-r{rank}"`` (static)."""
+    prefix = settings.kafka.group_instance_id
+    return f"{prefix}-r{rank}" if prefix else ""
 
 
 def rank_of(rank: Any) -> int | None:
@@ -226,7 +226,8 @@ class ElbertWorker:
         with self._lock:
             if self._closed:
                 return
-            if self._worker is not None and new_rank is not None and new_rank != self._rank:
+            static = bool(new.kafka.group_instance_id)
+            if static and self._worker is not None and new_rank is not None and new_rank != self._rank:
                 log.info("replica %s: rank %s -> %s: restarting the worker under its new member id",
                          self.replica_tag, self._rank, new_rank)
                 self._stop_worker(max(1.0, self._grace_s - DRAIN_MARGIN_S))
@@ -249,9 +250,9 @@ class ElbertWorker:
             return
         error = getattr(worker, "error", None)
         if error is not None:
-            raise ElbertError(f"worker {self.group_instance_id} failed: {error!r}")
+            raise ElbertError(f"worker of replica {self.replica_tag} failed: {error!r}")
         if not worker.alive():
-            raise ElbertError(f"worker {self.group_instance_id} thread is not running")
+            raise ElbertError(f"worker of replica {self.replica_tag}: its thread is not running")
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The exit-depth load report for ``autoscaling.ExitDepthPolicy`` (flat floats; keys in
@@ -330,7 +331,7 @@ class ElbertWorker:
         from elbert_stream.worker import Worker
 
         settings = self._settings.model_copy(deep=True)
-        settings.kafka.group_instance_id = self.group_instance_id
+        settings.kafka.group_instance_id = self.group_instance_id  # "" = dynamic (Worker contract)
         engine = Engine.from_settings(settings)  # loads the checkpoint's tokenizer too
         self._telemetry = _make_telemetry(settings, self.replica_tag, engine, self._local_rank)
         worker = Worker(settings, engine, None, replica_id=self.replica_tag, telemetry=self._telemetry)

@@ -59,9 +59,9 @@ def test_changed_sections_drive_live_versus_restart() -> None:
     assert set(Settings.model_fields) == LIVE_SECTIONS | RESTART_SECTIONS
 
 
-def test_group_instance_id_is_per_rank() -> None:
+def test_membership_is_dynamic_unless_a_static_prefix_is_set() -> None:
     s = Settings()
-    assert group_instance_id(s, 0) == "elbert-stream-r0"
+    assert group_instance_id(s, 0) == ""  # the Worker's "dynamic membership" value
     s = merge_settings(s, {"kafka": {"group_instance_id": "prod"}})
     assert group_instance_id(s, 3) == "prod-r3" != group_instance_id(s, 4)
 
