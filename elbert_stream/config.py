@@ -69,6 +69,10 @@ class KafkaSettings(BaseModel):
     session_timeout_ms: int = Field(10_000, ge=1000, description="consumer group session timeout (ms)")
     heartbeat_interval_ms: int = Field(2_000, ge=100, description="consumer heartbeat period (ms)")
     max_poll_records: int = Field(256, ge=1, description="records per poll (a poll is the backlog bound)")
+    fetch_max_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024,
+        description="bytes one fetch may return (bounds the consumer's buffer); a larger record comes whole",
+    )
     poll_timeout_ms: int = Field(20, ge=0, description="poll wait when the engine is idle (ms)")
     commit_interval_s: float = Field(
         1.0, gt=0, description="offset commit period (s); bounds duplicates after a crash"

@@ -102,13 +102,15 @@ class KafkaSource:
         self.num_commits = 0
         self.num_commit_failures = 0
         self.num_revocations = 0  # rebalances that took partitions away (revoked or lost)
+        self._reread: dict[TopicPartition, int] = {}  # revoked with unfinished work -> first such offset
         self._last_commit_s = time.monotonic()
         self.consumer = KafkaConsumer(
             **client_config(settings), client_id=client_id, group_id=settings.group_id,
             group_instance_id=settings.group_instance_id, enable_auto_commit=False,
             auto_offset_reset=settings.auto_offset_reset, session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms, max_poll_records=settings.max_poll_records,
-            isolation_level=isolation_level,
+            isolation_level=isolation_level, fetch_max_bytes=settings.fetch_max_bytes,
+            max_partition_fetch_bytes=min(settings.fetch_max_bytes, 1024 * 1024),
         )
         self.consumer.subscribe(settings.input_topics, listener=_Rebalance(self))
 
@@ -191,10 +193,20 @@ class KafkaSource:
                 log.warning("commit of %s on revoke failed: %r", _fmt(ready), e)
         if self.on_revoke is not None:
             self.on_revoke(tps)
+        # the worker drops unfinished work of revoked partitions; if this member gets one back,
+        # kafka-python keeps its fetch position past that work: remember where to read again
+        self._reread.update(self.tracker.first_pending(tps))
         self.tracker.forget(tps)
         log.info("partitions %s: %s", "revoked" if commit else "lost", sorted(tps))
 
     def _on_assigned(self, assigned: set[KTopicPartition]) -> None:
+        reread, self._reread = self._reread, {}
+        for ktp in assigned:
+            offset = reread.get(TopicPartition(ktp.topic, ktp.partition))
+            if offset is not None:  # back to the same member: read the dropped work again
+                self.consumer.seek(ktp, offset)
+                log.info("%s[%d]: re-assigned with unfinished work; reading again from %d",
+                         ktp.topic, ktp.partition, offset)
         if self.paused and assigned:
             self.consumer.pause(*assigned)
         log.info("partitions assigned: %s", sorted((t.topic, t.partition) for t in assigned))
@@ -278,7 +290,9 @@ class KafkaSink:
         """Produce the original key and value to the dead-letter topic, with the reason in headers
         (``trace``: trace-context headers to add; default the input's). A value too large to produce
         again (record over the producer's ``max_request_size``, or refused by the broker) is omitted:
-        the dead letter then has a null value and ``elbert.value_omitted: <size> bytes``."""
+        the dead letter then has a null value and ``elbert.value_omitted: <size> bytes``. A dead letter
+        that would have neither key nor value (a keyless tombstone, an omitted keyless value) gets an
+        empty value instead."""
         log.warning("dead letter %s: %s: %s", msg.where, reason, detail[:200])
         headers = dead_letter_headers(msg, reason, detail, self.replica_id)
         if trace is not None:
@@ -290,6 +304,8 @@ class KafkaSink:
             headers.append(("elbert.value_omitted", f"{len(msg.value or b'')} bytes".encode()))
         retry = None if omit_value else (reason, detail, trace)
         value = None if omit_value else msg.value
+        if value is None and msg.key is None:  # Kafka clients refuse a record with neither
+            value = b""
         try:
             self._send(self.settings.dead_letter_topic, msg, value, msg.key, headers, f"dead_letter.{reason}",
                        retry)
