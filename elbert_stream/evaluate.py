@@ -280,7 +280,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     report, test_probs = run_evaluation(model, tokenizer, val_set, test_set, args.max_length, args.max_loss)
     report["command"] = (
-        "elbert-stream " + shlex.join(sys.argv[1:]) if args.command_line is None else args.command_line
+        args.command_line or getattr(args, "invocation", None) or shlex.join(["elbert-stream", *sys.argv[1:]])
     )
     report["eval_seconds"] = time.perf_counter() - t0
     out = Path(args.out)

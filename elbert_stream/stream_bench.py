@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = max(engine_before, engine_after, key=lambda e: e["msgs_per_s"])
     return {
         "benchmark": "stream",
-        "command": getattr(args, "command_line", None) or shlex.join(["elbert-stream", *sys.argv[1:]]),
+        "command": getattr(args, "command_line", None) or getattr(args, "invocation", None)
+                   or shlex.join(["elbert-stream", *sys.argv[1:]]),
         "machine": {"ray_cpus": args.cpus, "torch_threads": args.threads, "python": platform.python_version(),
                     "torch": torch.__version__, "cuda": torch.cuda.is_available()},
         "model": args.model or "shipped", "partitions": args.partitions,
