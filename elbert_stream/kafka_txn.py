@@ -60,6 +60,7 @@ class TransactionalSink(KafkaSink):
                          transactional_id=transactional_id(settings, replica_id), **producer_overrides)
         self._held: dict[TopicPartition, dict[int, list[_Held]]] = {}
         self._held_lock = threading.Lock()
+        self._dropped: dict[TopicPartition, int | None] = {}  # revoked tp -> its epoch when dropped
         self.num_transactions = 0
         self.producer.init_transactions()
 
@@ -80,27 +81,40 @@ class TransactionalSink(KafkaSink):
         self.tracker.done(tp, msg.offset, msg.epoch)
 
     def drop(self, tps: set[TopicPartition]) -> None:
-        """Forget held records of revoked partitions (any thread)."""
+        """Forget held records of revoked partitions (any thread). Until the tracker forgets them too
+        (the source does so right after), ``commit`` must not commit their offsets: their records
+        are gone, so that would lose them."""
         with self._held_lock:
             for tp in tps:
                 self._held.pop(tp, None)
+                self._dropped[tp] = self.tracker.epoch(tp)
 
     def commit(self, source: KafkaSource, force: bool = False) -> dict[TopicPartition, int]:
         """One transaction: held records of the ready prefix + the prefix ends as group offsets."""
         if not source.commit_due(force):
             return {}
-        offsets = self.tracker.committable()
+        with self._held_lock:  # offsets and their records taken together (a revoke drops both or neither)
+            offsets = self.tracker.committable()
+            for tp, epoch in list(self._dropped.items()):
+                if epoch is not None and self.tracker.epoch(tp) == epoch:
+                    offsets.pop(tp, None)  # dropped, not yet forgotten: its records are gone
+                else:
+                    del self._dropped[tp]
+            batch = self._take(offsets)
         if not offsets:
             return {}
-        batch = self._take(offsets)
         try:
             self.producer.begin_transaction()
             for rec in batch:
                 self.producer.send(rec.topic, value=rec.value, key=rec.key, headers=rec.headers)
-            self.producer.send_offsets_to_transaction(
+            # records on the broker before the offsets: a broker that applies TxnOffsetCommit at once
+            # (Tansu) would otherwise commit offsets whose records a crash never let out
+            self.producer.flush(timeout=self.settings.delivery_timeout_ms / 1000)
+            tm = self.producer._transaction_manager
+            self._wait("send_offsets_to_transaction", tm.send_offsets_to_transaction(
                 {KTopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()},
-                source.consumer.group_metadata())
-            self.producer.commit_transaction()
+                source.consumer.group_metadata()))
+            self._wait("commit_transaction", tm.begin_commit())
         except Exception as e:
             self._abort()
             raise DeliveryError(f"transaction of {len(batch)} records for {offsets} failed: {e!r}") from e
@@ -113,14 +127,23 @@ class TransactionalSink(KafkaSink):
                     self.counts[rec.outcome] += 1
         return offsets
 
+    def _wait(self, what: str, result: Any) -> None:
+        """kafka-python's ``send_offsets_to_transaction`` / ``commit_transaction`` bodies, with a
+        deadline: theirs wait forever, and a broker that stopped answering mid-commit (a 5 s freeze
+        past the request timeout) hung the worker for good. Past ``delivery_timeout_ms`` this
+        raises, the transaction is aborted and the worker stops with DeliveryError."""
+        self.producer._sender.wakeup()
+        timeout_ms = self.settings.delivery_timeout_ms
+        if not result.wait(timeout_ms=timeout_ms):
+            raise kerrors.KafkaTimeoutError(f"{what} not answered within {timeout_ms} ms")
+
     def _take(self, offsets: dict[TopicPartition, int]) -> list[_Held]:
         """Remove and return the held records below each partition's new commit point, in order."""
-        out: list[_Held] = []
-        with self._held_lock:
-            for tp, end in offsets.items():
-                part = self._held.get(tp, {})
-                for off in sorted(o for o in part if o < end):
-                    out += part.pop(off)
+        out: list[_Held] = []  # the caller holds _held_lock
+        for tp, end in offsets.items():
+            part = self._held.get(tp, {})
+            for off in sorted(o for o in part if o < end):
+                out += part.pop(off)
         return out
 
     def _abort(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from elbert_stream.config import Settings
+from elbert_stream.records import OutputRecord
 
 Position = tuple[str, int, int]
 
@@ -32,7 +33,7 @@ class Record:
 def produce(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes | None, dict[str, bytes]]],
             **config: Any) -> list[Record]:
     """Send (key, value, headers) items; returns each as a Record at the position the broker gave it."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **config)
+    producer = KafkaProducer(**{"bootstrap_servers": bootstrap, "acks": "all", "linger_ms": 5, **config})
     try:
         futs = [producer.send(topic, key=k, value=v, headers=list(h.items())) for k, v, h in items]
         producer.flush()
@@ -115,3 +116,46 @@ def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> bool
             return True
         time.sleep(interval_s)
     return bool(predicate())
+
+
+def run_cli(settings: Settings, replica_id: str, log_path: Path, **env: str) -> Any:
+    """``elbert-stream run`` in a child process (a ``subprocess.Popen``), configured through ELBERT_*
+    variables from ``settings`` (model, topics, group, membership timings) plus ``env``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    k = settings.kafka
+    full = {**os.environ, "ELBERT_MODEL__PATH": str(settings.model.path), "ELBERT_MODEL__DEVICE": "cpu",
+            "ELBERT_KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers,
+            "ELBERT_KAFKA__INPUT_TOPICS": json.dumps(k.input_topics),
+            "ELBERT_KAFKA__OUTPUT_TOPIC": k.output_topic,
+            "ELBERT_KAFKA__DEAD_LETTER_TOPIC": k.dead_letter_topic, "ELBERT_KAFKA__GROUP_ID": k.group_id,
+            "ELBERT_KAFKA__SESSION_TIMEOUT_MS": "6000", "ELBERT_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+            "ELBERT_KAFKA__COMMIT_INTERVAL_S": "0.5", "ELBERT_ENGINE__MAX_QUEUE": "64", **env}
+    with open(log_path, "ab") as log:
+        cmd = [sys.executable, "-m", "elbert_stream.cli", "run", "--replica-id", replica_id]
+        return subprocess.Popen(cmd, env=full, stdout=log, stderr=subprocess.STDOUT)
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process in MB (``VmHWM``: its peak so far), from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def by_source(got: dict[str, list[Record]]) -> dict[tuple[str, int, int], list[tuple[str, Record]]]:
+    """Input position -> the answers naming it (("out", record) or ("dead", record))."""
+    index: dict[tuple[str, int, int], list[tuple[str, Record]]] = {}
+    for rec in got["out"]:
+        o = OutputRecord.from_bytes(rec.value or b"")
+        index.setdefault((o.topic, o.partition, o.offset), []).append(("out", rec))
+    for rec in got["dead"]:
+        h = rec.headers
+        pos = (h["elbert.source.topic"].decode(), int(h["elbert.source.partition"]),
+               int(h["elbert.source.offset"]))
+        index.setdefault(pos, []).append(("dead", rec))
+    return index

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -19,7 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka_support import Reader, Record, committed, produce, read_all, wait_for, worker_settings
+from kafka_support import (
+    Reader,
+    Record,
+    by_source,
+    committed,
+    produce,
+    read_all,
+    run_cli,
+    wait_for,
+    worker_settings,
+)
 
 from elbert_stream.config import ExitSettings, Settings
 from elbert_stream.engine import Engine
@@ -52,20 +60,6 @@ def answers(bootstrap: str, topics: dict[str, str], n: int,
     """Output and dead-letter records, once at least ``n`` arrived in total."""
     got = read_all(bootstrap, [topics["output"], topics["dead"]], n, timeout_s)
     return {"out": got[topics["output"]], "dead": got[topics["dead"]]}
-
-
-def by_source(got: dict[str, list[Record]]) -> dict[tuple[str, int, int], list[tuple[str, Record]]]:
-    """Input position -> the answers naming it (("out", record) or ("dead", record))."""
-    index: dict[tuple[str, int, int], list[tuple[str, Record]]] = {}
-    for rec in got["out"]:
-        o = OutputRecord.from_bytes(rec.value or b"")
-        index.setdefault((o.topic, o.partition, o.offset), []).append(("out", rec))
-    for rec in got["dead"]:
-        h = rec.headers
-        pos = (h["elbert.source.topic"].decode(), int(h["elbert.source.partition"]),
-               int(h["elbert.source.offset"]))
-        index.setdefault(pos, []).append(("dead", rec))
-    return index
 
 
 def test_every_input_answered_exactly_once(kafka_bootstrap: str, topics: dict[str, str],
@@ -197,21 +191,6 @@ def test_classify_and_exit_policy_share_the_engine(kafka_bootstrap: str, topics:
     assert (summary.messages["ok"], summary.messages["dead_letter"]) == (len(sent) - 1, 1)
 
 
-def _run_cli(settings: Settings, replica_id: str, log_path: Path, **extra: str) -> subprocess.Popen[bytes]:
-    """``elbert-stream run`` in a child process, configured through ELBERT_* variables."""
-    k = settings.kafka
-    env = {**os.environ, "ELBERT_MODEL__PATH": str(settings.model.path), "ELBERT_MODEL__DEVICE": "cpu",
-           "ELBERT_KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers,
-           "ELBERT_KAFKA__INPUT_TOPICS": json.dumps(k.input_topics),
-           "ELBERT_KAFKA__OUTPUT_TOPIC": k.output_topic,
-           "ELBERT_KAFKA__DEAD_LETTER_TOPIC": k.dead_letter_topic, "ELBERT_KAFKA__GROUP_ID": k.group_id,
-           "ELBERT_KAFKA__SESSION_TIMEOUT_MS": "6000", "ELBERT_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
-           "ELBERT_KAFKA__COMMIT_INTERVAL_S": "0.5", "ELBERT_ENGINE__MAX_QUEUE": "64", **extra}
-    with open(log_path, "ab") as log:
-        cmd = [sys.executable, "-m", "elbert_stream.cli", "run", "--replica-id", replica_id]
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
 def test_killed_worker_restarts_with_nothing_lost(kafka_bootstrap: str, topics: dict[str, str],
                                                   tiny_model_dir: Path, tmp_path: Path) -> None:
     """SIGKILL mid-stream, restart under the same static member id: every input answered; the
@@ -221,14 +200,14 @@ def test_killed_worker_restarts_with_nothing_lost(kafka_bootstrap: str, topics: 
     reader = Reader(kafka_bootstrap, [topics["output"], topics["dead"]])
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(_run_cli(settings, "crash", tmp_path / "a.log"))
+        procs.append(run_cli(settings, "crash", tmp_path / "a.log"))
         assert wait_for(lambda: reader.poll() >= 0 and len(reader.records[topics["output"]]) >= 300, 90)
         procs[0].kill()
         procs[0].wait(10)
         before = by_source({"out": list(reader.read(0, settle_s=1.0)[topics["output"]]), "dead": []})
         done = committed(kafka_bootstrap, topics["group"], topics["input"], 4)
         beyond = sum(1 for (_, p, off) in before if off >= (done[p] or 0))
-        procs.append(_run_cli(settings, "crash", tmp_path / "b.log"))
+        procs.append(run_cli(settings, "crash", tmp_path / "b.log"))
         got = reader.read(len(sent) + beyond, timeout_s=120, settle_s=1.0)
         procs[1].send_signal(signal.SIGTERM)
         assert procs[1].wait(60) == 0, (tmp_path / "b.log").read_text()[-3000:]
@@ -348,11 +327,11 @@ def test_exactly_once_kill_and_restart_has_no_duplicates(kafka_bootstrap: str, t
     procs: list[subprocess.Popen[bytes]] = []
     try:
         eos = {"ELBERT_KAFKA__DELIVERY": "exactly_once"}
-        procs.append(_run_cli(settings, "eos", tmp_path / "a.log", **eos))
+        procs.append(run_cli(settings, "eos", tmp_path / "a.log", **eos))
         assert wait_for(lambda: reader.poll() >= 0 and len(reader.records[topics["output"]]) >= 300, 90)
         procs[0].kill()
         procs[0].wait(10)
-        procs.append(_run_cli(settings, "eos", tmp_path / "b.log", **eos))
+        procs.append(run_cli(settings, "eos", tmp_path / "b.log", **eos))
         got = reader.read(len(sent), timeout_s=120, settle_s=1.5)
         procs[1].send_signal(signal.SIGTERM)
         assert procs[1].wait(60) == 0, (tmp_path / "b.log").read_text()[-3000:]
