@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from kafka import KafkaProducer
-from kafka_support import Reader, Record, by_source, run_cli, wait_for, worker_settings
+from kafka_support import Reader, Record, by_source, read_all, run_cli, wait_for, worker_settings
 
 from elbert_stream.broker import EmbeddedBroker
 from elbert_stream.config import Settings
@@ -44,7 +44,7 @@ class Stream:
     tracks per partition when outputs were produced."""
 
     def __init__(self, bootstrap: str, topics: dict[str, str], partitions: int = 4) -> None:
-        self.topics, self.partitions = topics, partitions
+        self.topics, self.partitions, self.bootstrap = topics, partitions, bootstrap
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
         self.reader = Reader(bootstrap, [topics["output"], topics["dead"]], isolation_level="read_committed")
         self.sent: list[Any] = []  # producer futures
@@ -121,6 +121,11 @@ def account(stream: Stream, index: dict[Any, list[Any]], mode: str) -> tuple[int
     lost = len(missing)
     if missing:
         print(f"[fault] {mode}: lost {[(p, o) for _, p, o in missing[:30]]}")
+        if stream.bootstrap and mode == "exactly_once":  # hidden by the broker, or never produced?
+            raw = read_all(stream.bootstrap, [stream.topics["output"]], 0, settle_s=2.0)
+            seen = set(by_source({"out": raw[stream.topics["output"]], "dead": []}))
+            print(f"[fault] {mode}: of the lost, {len(set(missing) & seen)} are in the output topic "
+                  "read_uncommitted")
     duplicated = sum(len(v) - 1 for p, v in index.items() if p in stream.sent_positions)
     stalls = ", ".join(f"{k} {v:.1f}s" for k, v in stream.stalls.items())
     print(f"[fault] {mode}: {len(stream.sent_positions)} inputs, lost {lost}, duplicated {duplicated}; "
