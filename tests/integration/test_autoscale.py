@@ -78,7 +78,11 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
 
 
 def test_burst_scales_up_then_back_down_after_the_drain(stream: Stream) -> None:
-    deploy_autoscaled(stream, autoscaling_config(max_replicas=4))
+    # full depth and a 1 s drain target: 6,000 x 6 layers is more than one replica of the tiny model
+    # drains in 1 s on any machine, so the policy must ask for more (a gentler target let a fast
+    # machine drain the burst before the first look-back window closed)
+    deploy_autoscaled(stream, autoscaling_config(max_replicas=4, drain_time_s=1.0),
+                      user_config={"exit": {"policy": "none"}})
     deployment.wait_until_consuming(stream.name, stream.http_port, stream.route, num_replicas=1)
     stop = threading.Event()
     watcher, samples = watch_replicas(stream, stop)
