@@ -158,7 +158,9 @@ class ExitPolicy:
         )
 
 
-def exit_depths_offline(policy: ExitPolicy, probs_by_depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def exit_depths_offline(
+    policy: ExitPolicy, probs_by_depth: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply a policy to precomputed probabilities ``[L, N, K]`` (evaluation, threshold search).
 
     Returns (exit depth ``[N]`` 1-based, reason code ``[N]``). Equals what the engine decides.
