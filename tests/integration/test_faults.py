@@ -165,6 +165,18 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int) -> None:
 EOS_LOSS_KNOWN = "open: exactly_once on Tansu lost {lost} inputs across kill/scale-up/rolling update"
 
 
+def assert_delivered(stream: Stream, index: Any, mode: str) -> None:
+    """0 lost in both modes, 0 duplicated in exactly_once; exactly_once's known loss (the open bug)
+    is reported as xfail with its count once everything else held."""
+    lost, duplicated = account(stream, index, mode)
+    if mode == "exactly_once":
+        assert duplicated == 0
+        if lost:
+            pytest.xfail(EOS_LOSS_KNOWN.format(lost=lost))
+    assert lost == 0
+
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_kill_scale_and_rolling_update(mode: str, kafka_bootstrap: str, topics: dict[str, str],
                                        tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -212,12 +224,7 @@ def test_kill_scale_and_rolling_update(mode: str, kafka_bootstrap: str, topics: 
                 p.kill()
                 p.wait()
     assert all(w.error is None for w in extra), [w.error for w in extra]
-    lost, duplicated = account(stream, index, mode)
-    if mode == "exactly_once":
-        assert duplicated == 0
-        if lost:  # everything else above still has to hold; the loss itself is the open bug
-            pytest.xfail(EOS_LOSS_KNOWN.format(lost=lost))
-    assert lost == 0
+    assert_delivered(stream, index, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -261,12 +268,7 @@ def test_producer_ack_timeout_is_retried(mode: str, tiny_model_dir: Path) -> Non
     assert workers[-1].error is None, workers[-1].error
     if mode == "at_least_once":
         assert len(workers) == 1, "the producer's retries should have ridden out the freeze"
-    lost, duplicated = account(stream, index, mode)
-    if mode == "exactly_once":
-        assert duplicated == 0
-        if lost:  # everything else above still has to hold; the loss itself is the open bug
-            pytest.xfail(EOS_LOSS_KNOWN.format(lost=lost))
-    assert lost == 0
+    assert_delivered(stream, index, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -288,9 +290,4 @@ def test_broker_restart_resumes_without_operator(mode: str, tiny_model_dir: Path
         index = stream.finish(180)
     finally:
         worker.stop(20)
-    lost, duplicated = account(stream, index, mode)
-    if mode == "exactly_once":
-        assert duplicated == 0
-        if lost:  # everything else above still has to hold; the loss itself is the open bug
-            pytest.xfail(EOS_LOSS_KNOWN.format(lost=lost))
-    assert lost == 0
+    assert_delivered(stream, index, mode)
