@@ -26,7 +26,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as KTopicPartition
 from kafka import errors as kerrors
-from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener, TopicPartitionState
 from kafka.structs import OffsetAndMetadata
 
 from elbert_stream.config import KafkaSettings
@@ -89,20 +89,25 @@ class KafkaSource:
     ``on_revoke(tps)`` is called (on that thread, inside ``poll``) after the revoked partitions'
     finished offsets were committed and before they are forgotten; the worker drops its local
     buffer for them there.
+
+    ``transactional=True`` (``exactly_once``): offsets are committed with the outputs, in the sink's
+    transactions, so the revoke listener commits nothing, and a partition given back to this member is
+    read again from the group's committed offset (the results finished since then were only held,
+    and were dropped on revoke). Otherwise from its oldest unacknowledged offset.
     """
 
     def __init__(self, settings: KafkaSettings, tracker: OffsetTracker, *, client_id: str = "elbert-stream",
                  on_revoke: Callable[[set[TopicPartition]], None] | None = None,
-                 isolation_level: str = "read_committed", commit_on_revoke: bool = True) -> None:
+                 isolation_level: str = "read_committed", transactional: bool = False) -> None:
         self.settings = settings
         self.tracker = tracker
         self.on_revoke = on_revoke
-        self.commit_on_revoke = commit_on_revoke  # False with exactly_once: offsets go with the outputs
+        self.transactional = transactional
         self.paused = False
         self.num_commits = 0
         self.num_commit_failures = 0
         self.num_revocations = 0  # rebalances that took partitions away (revoked or lost)
-        self._reread: dict[TopicPartition, int] = {}  # revoked with unfinished work -> first such offset
+        self._reread: dict[TopicPartition, int | None] = {}  # revoked -> where to read again (None: commit)
         self._last_commit_s = time.monotonic()
         self.consumer = KafkaConsumer(
             **client_config(settings), client_id=client_id, group_id=settings.group_id,
@@ -181,7 +186,7 @@ class KafkaSource:
         tps = {TopicPartition(t.topic, t.partition) for t in revoked}
         self.num_revocations += bool(tps)
         ready = {tp: off for tp, off in self.tracker.committable().items() if tp in tps}
-        if commit and ready and self.commit_on_revoke:
+        if commit and ready and not self.transactional:
             offsets = {KTopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in ready.items()}
             try:  # kafka-python 3.0's coroutine behind commit(); the public one blocks on this thread
                 coordinator = self.consumer._coordinator
@@ -195,18 +200,26 @@ class KafkaSource:
             self.on_revoke(tps)
         # the worker drops unfinished work of revoked partitions; if this member gets one back,
         # kafka-python keeps its fetch position past that work: remember where to read again
-        self._reread.update(self.tracker.first_pending(tps))
+        if self.transactional:  # held results were dropped too: everything since the last commit
+            self._reread.update(dict.fromkeys(tps))
+        else:
+            self._reread.update(self.tracker.first_pending(tps))
         self.tracker.forget(tps)
         log.info("partitions %s: %s", "revoked" if commit else "lost", sorted(tps))
 
     def _on_assigned(self, assigned: set[KTopicPartition]) -> None:
         reread, self._reread = self._reread, {}
         for ktp in assigned:
-            offset = reread.get(TopicPartition(ktp.topic, ktp.partition))
-            if offset is not None:  # back to the same member: read the dropped work again
+            tp = TopicPartition(ktp.topic, ktp.partition)
+            if tp not in reread:
+                continue
+            offset = reread[tp]  # back to the same member: read the dropped work again
+            if offset is None:
+                _read_from_committed(self.consumer, ktp)
+            else:
                 self.consumer.seek(ktp, offset)
-                log.info("%s[%d]: re-assigned with unfinished work; reading again from %d",
-                         ktp.topic, ktp.partition, offset)
+            log.info("%s[%d]: re-assigned with dropped work; reading again from %s", ktp.topic, ktp.partition,
+                     "the committed offset" if offset is None else offset)
         if self.paused and assigned:
             self.consumer.pause(*assigned)
         log.info("partitions assigned: %s", sorted((t.topic, t.partition) for t in assigned))
@@ -231,6 +244,20 @@ class KafkaSource:
         """Close without LeaveGroup when static membership is on (``group_instance_id`` set): the
         partitions stay ours until the session times out, or until the same instance id rejoins."""
         self.consumer.close(autocommit=False, timeout_ms=timeout_ms)
+
+
+def _read_from_committed(consumer: KafkaConsumer, ktp: KTopicPartition) -> None:
+    """Give an assigned partition a fresh fetch state (paused flag kept), as kafka-python does for a
+    newly assigned one: its next poll fetches the group's committed offset first (stable offsets
+    under ``read_committed``). Runs in the assignment listener, before any fetch of the new
+    generation; buffered fetches for the old position are discarded (no valid position)."""
+    subs = consumer._subscription  # kafka-python 3.0 internals: no public "seek to committed"
+    with subs._lock:
+        old = subs.assignment.get(ktp)
+        if old is not None:
+            fresh = TopicPartitionState()
+            fresh.paused = old.paused
+            subs.assignment[ktp] = fresh
 
 
 def _fmt(offsets: dict[TopicPartition, int]) -> str:

@@ -10,9 +10,11 @@ aborts the transaction (the next ``init_transactions`` with the same ``transacti
 and fences the old producer) and the inputs are re-read from the last committed offsets.
 
 Records beyond the prefix stay held (memory is bounded by the worker's in-flight messages). The
-revoke listener must not commit offsets on its own in this mode (``KafkaSource(commit_on_revoke=False)``);
-held records of revoked partitions are dropped (``drop``), their new owner redoes them. Any failure
-in a transaction is fatal (``DeliveryError``): the worker stops, nothing of it becomes visible.
+revoke listener must not commit offsets on its own in this mode (``KafkaSource(transactional=True)``);
+held records of revoked partitions are dropped (``drop``), their new owner redoes them from the group's
+committed offset (also when the new owner is this replica: the source then reads again from there).
+Any failure in a transaction is fatal (``DeliveryError``): the worker stops, nothing of it becomes
+visible.
 
 Not verifiable on Tansu 0.6: it shows aborted records to ``read_committed`` readers and does not
 fence a zombie producer (docs/streaming.md).
@@ -75,10 +77,10 @@ class TransactionalSink(KafkaSink):
         if size > int(self.producer.config["max_request_size"]):  # would fail the whole transaction
             raise kerrors.MessageSizeTooLargeError(f"record of about {size} bytes for {msg.where}")
         tp = TopicPartition(msg.topic, msg.partition)
-        with self._held_lock:
-            self._held.setdefault(tp, {}).setdefault(msg.offset, []).append(
-                _Held(topic, value, key, headers, outcome))
-        self.tracker.done(tp, msg.offset, msg.epoch)
+        with self._held_lock:  # a result of a revoked (forgotten) assignment is not held: never sent
+            if self.tracker.done(tp, msg.offset, msg.epoch):
+                self._held.setdefault(tp, {}).setdefault(msg.offset, []).append(
+                    _Held(topic, value, key, headers, outcome))
 
     def drop(self, tps: set[TopicPartition]) -> None:
         """Forget held records of revoked partitions (any thread). Until the tracker forgets them too

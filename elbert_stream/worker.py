@@ -145,7 +145,7 @@ class Worker:
         k = self.settings.kafka
         eos = k.delivery == "exactly_once"
         self.source = KafkaSource(k, self.tracker, client_id=f"elbert-{self.replica_id}",
-                                  on_revoke=self._on_revoke, commit_on_revoke=not eos)
+                                  on_revoke=self._on_revoke, transactional=eos)
         if eos:
             from elbert_stream.kafka_txn import TransactionalSink
 

@@ -160,21 +160,12 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int) -> None:
     proc.wait(60)
 
 
-# open (issue 6): exactly_once on Tansu lost 3-34 of ~3000 inputs (runs of 5-7 per partition, never
-# produced) across kill/scale-up/rolling update; 0 in at_least_once. See docs/streaming.md, "Faults".
-EOS_LOSS_KNOWN = "open: exactly_once on Tansu lost {lost} inputs across kill/scale-up/rolling update"
-
-
 def assert_delivered(stream: Stream, index: Any, mode: str) -> None:
-    """0 lost in both modes, 0 duplicated in exactly_once; exactly_once's known loss (the open bug)
-    is reported as xfail with its count once everything else held."""
+    """0 lost in both modes, 0 duplicated in exactly_once (at_least_once's duplicates are printed)."""
     lost, duplicated = account(stream, index, mode)
+    assert lost == 0, f"{lost} inputs have no answer"
     if mode == "exactly_once":
-        assert duplicated == 0
-        if lost:
-            pytest.xfail(EOS_LOSS_KNOWN.format(lost=lost))
-    assert lost == 0
-
+        assert duplicated == 0, f"{duplicated} inputs were answered more than once"
 
 
 @pytest.mark.parametrize("mode", MODES)
