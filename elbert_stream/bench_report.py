@@ -111,6 +111,12 @@ def _variants_md(run: dict[str, Any]) -> list[str]:
                 lines.append(f"| {load} | ({v}) | {s['offered_per_s']:.1f} | {s['p50_ms']:.0f} | "
                              f"{s['p99_ms']:.0f} | {s['utilisation']:.2f} |")
         lines.append("")
+    cost = run.get("layer_row_cost")
+    if cost:
+        b = run["batch_size"]
+        lines += [f"Layer+head cost per full-length row: {cost['ms_per_row_at_1']:.2f} ms alone, "
+                  f"{cost[f'ms_per_row_at_{b}']:.2f} ms in a batch of {b}: batching gain "
+                  f"{cost['batching_gain']:.2f}x, about the most (f) can gain over (e) on this device.", ""]
     if run["targets"]:
         lines += ["| target | measured | met |", "| --- | ---: | --- |"]
         lines += [f"| {t['name']} | {t['value']:.2f} | {'yes' if t['met'] else 'NO'} |"

@@ -112,6 +112,7 @@ class Engine:
                                     admit_when_empty=mode != "continuous")
         self._device = model.device
         self._pad_multiple = 8 if self._device.type == "cuda" else 1
+        self._row_chunk = settings.cpu_row_chunk if self._device.type == "cpu" else 0
         self._alloc(settings.max_slots)
         self._stats = EngineStats(mode=mode, max_slots=settings.max_slots,
                                   exit_depth_counts=[0] * model.num_layers)
@@ -291,7 +292,17 @@ class Engine:
         self._stats.num_admitted += len(admitted)
 
     def _eager_layer_head(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden ``[B, T, H]``, mask ``[B, T]`` -> (next hidden ``[B, T, H]``, probs ``[B, K]`` fp32)."""
+        """hidden ``[B, T, H]``, mask ``[B, T]`` -> (next hidden ``[B, T, H]``, probs ``[B, K]`` fp32).
+
+        On CPU the rows go through in chunks of ``cpu_row_chunk``: the same shared-layer application
+        (rows are independent), with matmuls that stay in cache (docs/engine.md, "CPU")."""
+        c = self._row_chunk
+        if c and x.shape[0] > c:
+            parts = [self._layer_head_rows(x[i:i + c], mask[i:i + c]) for i in range(0, x.shape[0], c)]
+            return torch.cat([h for h, _ in parts]), torch.cat([p for _, p in parts])
+        return self._layer_head_rows(x, mask)
+
+    def _layer_head_rows(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model.layer(x, mask)  # [B, T, H]
         logits = self.model.classify(out, mask)  # [B, K]
         return out, torch.softmax(logits.float(), dim=-1)

@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,10 +251,37 @@ def measure_streaming(setup: Setup, batch: int, capacity: float,
     return out
 
 
+@torch.inference_mode()
+def layer_row_cost(setup: Setup, batch: int, max_length: int, min_rows: int = 256) -> dict[str, float]:
+    """Milliseconds per row of one engine layer+head call on full-length rows, alone and in a batch of
+    ``batch`` (the engine's own call, CPU row chunks included). ``batching_gain`` = alone / batched is
+    the most any batching can gain per layer row over batch size 1 on this device: (f) / (e) cannot
+    exceed it by much (both run the same rows; (f) only saves per-step overhead)."""
+    model = setup.model
+    settings = EngineSettings(max_slots=batch, max_batch_tokens=batch * max_length)
+    engine = Engine(model, ExitPolicy("none", model.num_layers), settings, max_length=max_length)
+    out: dict[str, float] = {}
+    for rows in (1, batch):
+        x = torch.randn(rows, max_length, model.hidden_size, device=model.device, dtype=model.dtype)
+        mask = torch.ones(rows, max_length, dtype=torch.long, device=model.device)
+        reps = max(3, min_rows // rows)
+        for _ in range(2):
+            engine._layer_head(x, mask)  # the exact call a step makes
+        H.sync(model.device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            engine._layer_head(x, mask)
+        H.sync(model.device)
+        out[f"ms_per_row_at_{rows}"] = (time.perf_counter() - t0) * 1e3 / (reps * rows)
+    out["batching_gain"] = out["ms_per_row_at_1"] / out[f"ms_per_row_at_{batch}"]
+    return out
+
+
 # ---- one batch size ---------------------------------------------------------------------------
 def bench_batch(setup: Setup, batch: int, opts: BenchOptions) -> dict[str, Any]:
     """All variants at one batch size, then streaming at that batch size."""
     runners = variant_runners(setup, batch, opts)
+    row_cost = layer_row_cost(setup, batch, opts.max_length)
     variants = measure_throughput(runners, variant_inputs(setup, batch, opts), opts.rounds)
     depths = variants["f"].pop("depths")
     num_layers = setup.model.num_layers
@@ -264,7 +292,7 @@ def bench_batch(setup: Setup, batch: int, opts: BenchOptions) -> dict[str, Any]:
     streaming = (measure_streaming(setup, batch, variants["f"]["samples_per_s"], opts)
                  if opts.loads and opts.stream_requests else {})
     run = {"batch_size": batch, "variants": variants, "ideal_samples_per_s": ideal,
-           "ratios": bench_report.ratios(variants, ideal), "streaming": streaming,
+           "ratios": bench_report.ratios(variants, ideal), "streaming": streaming, "layer_row_cost": row_cost,
            "exit_depth_histogram_f": np.bincount(depths, minlength=num_layers + 1)[1:].tolist()}
     run["targets"] = bench_report.targets(run, setup.model.device.type)
     return run

@@ -114,6 +114,10 @@ def test_engine_bench_tiny_end_to_end(tmp_path: Path, one_thread: None) -> None:
             s = saved["streaming"][load][name]
             assert 0 < s["p50_ms"] <= s["p99_ms"]
     assert {t["name"] for t in doc["targets"]} >= {"(f) >= 0.9 x ideal", "(f) >= 3 x (e)"}
+    cost = doc["runs"][0]["layer_row_cost"]
+    assert cost["ms_per_row_at_1"] > 0 and cost["ms_per_row_at_4"] > 0
+    assert cost["batching_gain"] == pytest.approx(cost["ms_per_row_at_1"] / cost["ms_per_row_at_4"])
+    assert "batching gain" in (tmp_path / "engine.md").read_text()
 
 
 def test_random_model_without_replay_is_refused() -> None:

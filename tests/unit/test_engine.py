@@ -117,7 +117,8 @@ def test_result_never_depends_on_what_it_was_batched_with(data: st.DataObject) -
     policy = data.draw(st.sampled_from(sorted(POLICIES)))
     mode = data.draw(st.sampled_from(BATCH_MODES))
     eng = engine(policy, mode, max_slots=data.draw(st.integers(1, 6)),
-                 max_batch_tokens=data.draw(st.integers(8, 150)), max_queue=data.draw(st.integers(1, 8)))
+                 max_batch_tokens=data.draw(st.integers(8, 150)), max_queue=data.draw(st.integers(1, 8)),
+                 cpu_row_chunk=data.draw(st.integers(0, 3)))  # rows of a step in chunks on CPU
     texts = data.draw(st.lists(st.lists(st.integers(5, VOCAB - 1), max_size=40), min_size=1, max_size=16))
     adds = data.draw(st.lists(st.integers(0, 4), min_size=1, max_size=8).filter(any))
     run_checked(eng, [[2, *t, 3] for t in texts], adds, policy)
