@@ -233,6 +233,10 @@ class ElbertModel(nn.Module):
             config.id2label = dict(enumerate(label_names))
             config.label2id = {n: i for i, n in enumerate(label_names)}
         check_albert_config(config)
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per replica start is log noise
         try:
             loaded: Any = AlbertForSequenceClassification.from_pretrained(
                 path, config=config, local_files_only=True, attn_implementation="sdpa",
@@ -240,6 +244,9 @@ class ElbertModel(nn.Module):
             )
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"cannot load ALBERT weights from {str(path)!r}: {e}") from e
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         hf: AlbertForSequenceClassification = loaded[0]
         info: dict[str, list[str]] = loaded[1]
         missing = [k for k in info.get("missing_keys", [])
