@@ -194,7 +194,9 @@ REQUIRED_WORKER_STATS = (
     "arrival_rate_msgs_per_s",  # float, messages/s taken from Kafka (recent window)
     "layer_steps_per_s",  # float, layer steps/s executed (recent window)
 )
-# Optional: max_slots (int), num_busy (int), backlog (int, polled but not yet in the engine: counted
+# Optional: recent_exit_depth_counts (list[float], the exit histogram decayed per message: used for E[D]
+# instead of exit_depth_counts when present, so E[D] follows an exit-policy change within ~1,000
+# messages), max_slots (int), num_busy (int), backlog (int, polled but not yet in the engine: counted
 # as waiting), paused (bool, consumer paused by backpressure: saturated), lag_per_partition
 # ({partition: lag|None} | None), num_partitions_assigned (int), total_input_partitions (int).
 
@@ -233,7 +235,7 @@ def build_replica_report(
     missing = [key for key in REQUIRED_WORKER_STATS if key not in worker_stats]
     if missing:
         raise ConfigError(f"worker stats lack {missing}; got keys {sorted(worker_stats)}")
-    exits = list(worker_stats["exit_depth_counts"])
+    exits = list(worker_stats.get("recent_exit_depth_counts") or worker_stats["exit_depth_counts"])
     mean_depth = mean_exit_depth(exits, prior_count)
     pending = pending_layer_work(
         worker_stats["busy_depth_counts"],

@@ -383,7 +383,7 @@ class Worker:
 
         s = self._loop.snapshot()
         lag = {(tp.topic, tp.partition): v for tp, v in self._loop.lag().items() if v is not None}
-        pending = pending_layer_work(s["busy_depth_counts"], s["exit_depth_counts"], s["num_waiting"],
+        pending = pending_layer_work(s["busy_depth_counts"], s["recent_exit_depth_counts"], s["num_waiting"],
                                      sum(lag.values()) if lag else None)
         return StatsSnapshot(busy_slots=s["num_busy"], queue_depth=s["num_waiting"] + len(self._backlog),
                              pending_layer_work=pending, layer_steps=s["engine"].get("num_layer_rows", 0),

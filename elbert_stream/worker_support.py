@@ -14,6 +14,7 @@ from elbert_stream.offsets import TopicPartition
 from elbert_stream.request import Prediction
 
 RATE_WINDOW_S = 1.0
+RECENT_HALF_LIFE_MSGS = 500  # the autoscaler's exit histogram forgets with this half-life (messages)
 
 
 @dataclass
@@ -92,6 +93,8 @@ class LoopStats:
         self.lag_at = 0.0
         self._arrived = 0
         self._finished = 0
+        self._recent_exits = [0.0] * num_layers  # exit-depth histogram decayed per finished message
+        self._decay = 0.5 ** (1.0 / RECENT_HALF_LIFE_MSGS)
         self._engine: dict[str, Any] = {}
         self._lag: dict[TopicPartition, int | None] = {}
         self._total_partitions = 0
@@ -106,6 +109,11 @@ class LoopStats:
     def finished(self, preds: list[Prediction]) -> None:
         with self._lock:
             self._finished += len(preds)
+            recent, decay = self._recent_exits, self._decay
+            for p in preds:  # each exit ages the histogram by one message
+                for i in range(len(recent)):
+                    recent[i] *= decay
+                recent[min(max(p.exit_depth, 1), len(recent)) - 1] += 1.0
 
     def set_engine(self, stats: Any, now: float) -> None:
         eng = asdict(stats)
@@ -141,6 +149,7 @@ class LoopStats:
                 "num_arrived": self._arrived,
                 "num_finished": self._finished,
                 "exit_depth_counts": list(eng.get("exit_depth_counts", zeros)),
+                "recent_exit_depth_counts": list(self._recent_exits),
                 "busy_depth_counts": list(eng.get("busy_depth_counts", zeros)),
                 "num_busy": eng.get("num_busy", 0),
                 "num_waiting": eng.get("num_waiting", 0),

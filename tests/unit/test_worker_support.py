@@ -26,8 +26,8 @@ def test_tokenize_each_isolates_the_bad_text() -> None:
     assert tokenize_each(fake_tokenize, []) == []
 
 
-def _pred(i: int) -> Prediction:
-    return Prediction(request_id=f"r{i}", label="x", label_index=0, probabilities=[1.0], exit_depth=1,
+def _pred(i: int, depth: int = 1) -> Prediction:
+    return Prediction(request_id=f"r{i}", label="x", label_index=0, probabilities=[1.0], exit_depth=depth,
                       exit_reason="max_depth", trace=[], queue_s=0.0, compute_s=0.0)
 
 
@@ -64,3 +64,22 @@ def test_loop_stats_rates_and_snapshot() -> None:
     assert snap["busy_depth_counts"] == [1, 2, 0] and snap["num_waiting"] == 7
     assert snap["lag_per_partition"] == {"in[0]": None, "in[1]": 4}
     assert (snap["num_partitions_assigned"], snap["total_input_partitions"]) == (2, 8)
+
+
+def test_recent_exit_histogram_follows_a_policy_change() -> None:
+    """The autoscaler's E[D] comes from the decayed histogram: after 2,000 depth-1 exits and then
+    1,000 at depth 3, the cumulative mean is still 1.67 but the recent one is above 2.5."""
+    from elbert_stream.autoscaling import build_replica_report, mean_exit_depth
+    from elbert_stream.worker_support import RECENT_HALF_LIFE_MSGS
+
+    loop = LoopStats(num_layers=3)
+    loop.finished([_pred(i, 1) for i in range(2000)])
+    recent = loop.snapshot()["recent_exit_depth_counts"]
+    decay = 0.5 ** (1 / RECENT_HALF_LIFE_MSGS)  # a geometric sum of 2,000 weights
+    assert recent[0] == pytest.approx((1 - decay ** 2000) / (1 - decay)) and recent[1:] == [0, 0]
+    loop.finished([_pred(i, 3) for i in range(1000)])
+    snap = loop.snapshot()
+    assert mean_exit_depth(snap["recent_exit_depth_counts"]) > 2.5  # 2 half-lives: 80 % at depth 3
+    assert mean_exit_depth([2000, 0, 1000]) < 1.7
+    stats = {**snap, "exit_depth_counts": [2000, 0, 1000]}
+    assert build_replica_report(stats, 0.0)["mean_exit_depth"] > 2.5
