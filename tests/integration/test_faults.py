@@ -7,14 +7,16 @@ flows again. docs/streaming.md quotes them.
 
 Faults: SIGKILL of an ``elbert-stream run`` mid-stream (mid-transaction in exactly_once) and restart
 under the same id; scale 1 -> 3 -> 1 (two dynamic-membership thread workers join, then leave one by
-one; the 3 -> 1 step only against ELBERT_TEST_KAFKA_BOOTSTRAP: Tansu 0.6 wedges the group on that
-LeaveGroup); a rolling update (SIGTERM + restart of that process while the others keep running); the broker
-frozen past the producer's request timeout (SIGSTOP, own Tansu); a broker restart (only against
-``ELBERT_TEST_KAFKA_BOOTSTRAP`` with ``ELBERT_TEST_KAFKA_RESTART_CMD``: Tansu here is memory-only).
+one); a rolling update (SIGTERM + restart of that process while the others keep running); the broker
+frozen past the producer's request timeout (SIGSTOP, own Tansu); a broker restart (own Tansu on S3
+storage in a local moto S3, or ELBERT_TEST_KAFKA_BOOTSTRAP with ELBERT_TEST_KAFKA_RESTART_CMD).
+Losses are counted against the input log as read back at the end: a record the broker acknowledged
+but no longer has is the broker's loss, reported apart (Tansu on S3 loses a few across a restart).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -27,7 +29,7 @@ import pytest
 from kafka import KafkaProducer
 from kafka_support import Reader, Record, by_source, read_all, run_cli, wait_for, worker_settings
 
-from elbert_stream.broker import EmbeddedBroker
+from elbert_stream.broker import EmbeddedBroker, S3Store, create_topics
 from elbert_stream.config import Settings
 from elbert_stream.engine import Engine
 from elbert_stream.kafka_io import DeliveryError
@@ -47,7 +49,7 @@ class Stream:
         self.topics, self.partitions, self.bootstrap = topics, partitions, bootstrap
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
         self.reader = Reader(bootstrap, [topics["output"], topics["dead"]], isolation_level="read_committed")
-        self.sent: list[Any] = []  # producer futures
+        self.sent: list[tuple[bytes, Any]] = []  # (value, producer future)
         self.produced_ms: dict[int, list[int]] = {p: [] for p in range(partitions)}
         self.stalls: dict[str, float] = {}
         self._stop = threading.Event()
@@ -60,8 +62,8 @@ class Stream:
         start = time.monotonic()
         while not self._stop.is_set():
             value = f"fault story {i}: shares".encode()
-            self.sent.append(self.producer.send(self.topics["input"], value=value,
-                                                partition=i % self.partitions))
+            self.sent.append((value, self.producer.send(self.topics["input"], value=value,
+                                                        partition=i % self.partitions)))
             i += 1
             time.sleep(max(0.0, start + i / RATE - time.monotonic()))
 
@@ -93,12 +95,27 @@ class Stream:
         self.stalls[name] = max(gaps) / 1000
         print(f"[fault] {name}: stall {self.stalls[name]:.1f}s", flush=True)
 
+    def _positions(self, acked: list[tuple[bytes, Any]]) -> set[tuple[str, int, int]]:
+        """Input positions of the acknowledged sends. A retried send the broker recognised as a
+        duplicate (after a broker restart) is acknowledged with offset -1: find it by its (unique)
+        value in the input topic; one that is not there was lost by the broker (a negative offset)."""
+        sent = {(m.topic, m.partition, m.offset) for _, m in acked if m.offset >= 0}
+        unknown = [(v, m) for v, m in acked if m.offset < 0]
+        if unknown:
+            raw = read_all(self.bootstrap, [self.topics["input"]], 0, settle_s=1.0)
+            where = {r.value: (r.topic, r.partition, r.offset) for r in raw[self.topics["input"]]}
+            found = [where.get(v, (m.topic, m.partition, -2 - i)) for i, (v, m) in enumerate(unknown)]
+            print(f"[fault] {len(unknown)} sends acknowledged without an offset (duplicates of a retry); "
+                  f"{sum(p[2] < 0 for p in found)} of them are not in the input topic")
+            sent |= set(found)
+        return sent
+
     def finish(self, timeout_s: float = 45.0) -> dict[tuple[str, int, int], list[tuple[str, Record]]]:
         """Stop producing; wait until every input has an answer; return the answers by input position."""
         self._stop.set()
         self._threads[0].join()
         self.producer.flush()
-        sent = {(m.topic, m.partition, m.offset) for m in (f.get(10) for f in self.sent)}
+        sent = self._positions([(v, f.get(10)) for v, f in self.sent])
         self.producer.close()
         self._threads[1].join()
         got = self.reader.records
@@ -116,21 +133,31 @@ class Stream:
         return index
 
 
-def account(stream: Stream, index: dict[Any, list[Any]], mode: str) -> tuple[int, int]:
-    missing = sorted(stream.sent_positions - set(index))
-    lost = len(missing)
+def account(stream: Stream, index: dict[Any, list[Any]], mode: str) -> tuple[int, int, int]:
+    """(lost, duplicated, broker_lost). lost: inputs in the input topic's log with no answer;
+    broker_lost: sends the broker acknowledged that are not in its log at the end (the broker's
+    durability, not the worker's: a worker cannot answer a record it was never given)."""
+    topic = stream.topics["input"]
+    log_ = read_all(stream.bootstrap, [topic], len(stream.sent_positions), timeout_s=30, settle_s=1.0)
+    in_log = {(r.topic, r.partition, r.offset) for r in log_[topic]}
+    unread = set(index) & stream.sent_positions - in_log  # answered, so the worker read them
+    assert not unread, f"the input log read back incompletely ({len(in_log)} records): cannot account"
+    broker_lost = sorted(stream.sent_positions - in_log)
+    if broker_lost:
+        print(f"[fault] {mode}: the broker acknowledged {len(broker_lost)} inputs that are not in its log: "
+              f"{[(p, o) for _, p, o in broker_lost[:30]]}")
+    missing = sorted((stream.sent_positions & in_log) - set(index))
     if missing:
         print(f"[fault] {mode}: lost {[(p, o) for _, p, o in missing[:30]]}")
-        if stream.bootstrap and mode == "exactly_once":  # hidden by the broker, or never produced?
-            raw = read_all(stream.bootstrap, [stream.topics["output"]], 0, settle_s=2.0)
-            seen = set(by_source({"out": raw[stream.topics["output"]], "dead": []}))
-            print(f"[fault] {mode}: of the lost, {len(set(missing) & seen)} are in the output topic "
-                  "read_uncommitted")
+        raw = read_all(stream.bootstrap, [stream.topics["output"]], 0, settle_s=2.0)  # hidden or never sent?
+        seen = set(by_source({"out": raw[stream.topics["output"]], "dead": []}))
+        print(f"[fault] {mode}: of the lost, {len(set(missing) & seen)} are in the output topic "
+              "read_uncommitted")
     duplicated = sum(len(v) - 1 for p, v in index.items() if p in stream.sent_positions)
     stalls = ", ".join(f"{k} {v:.1f}s" for k, v in stream.stalls.items())
-    print(f"[fault] {mode}: {len(stream.sent_positions)} inputs, lost {lost}, duplicated {duplicated}; "
-          f"stall: {stalls}")
-    return lost, duplicated
+    print(f"[fault] {mode}: {len(stream.sent_positions)} inputs, lost {len(missing)}, "
+          f"duplicated {duplicated}, lost by the broker {len(broker_lost)}; stall: {stalls}")
+    return len(missing), duplicated, len(broker_lost)
 
 
 def thread_worker(settings: Settings, replica_id: str) -> Worker:
@@ -160,10 +187,25 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int) -> None:
     proc.wait(60)
 
 
-def assert_delivered(stream: Stream, index: Any, mode: str) -> None:
-    """0 lost in both modes, 0 duplicated in exactly_once (at_least_once's duplicates are printed)."""
-    lost, duplicated = account(stream, index, mode)
+def resume_or_replace(stream: Stream, workers: list[Worker], start: Any, what: str, timeout_s: float) -> None:
+    """Wait until the stream flows again or the worker failed loudly (DeliveryError): then replace it
+    under the same id, as Serve would."""
+    t = int(time.time() * 1000)
+    wait_for(lambda: stream.flowing_since(t) or not workers[-1].alive(), timeout_s)
+    if not workers[-1].alive():
+        print(f"[fault] {what}: worker failed: {workers[-1].error!r}")
+        assert isinstance(workers[-1].error, DeliveryError), workers[-1].error
+        workers[-1].stop(5)
+        workers.append(start())
+
+
+def assert_delivered(stream: Stream, index: Any, mode: str, broker_may_lose: bool = False) -> None:
+    """0 lost in both modes, 0 duplicated in exactly_once (at_least_once's duplicates are printed);
+    nothing lost by the broker either, unless ``broker_may_lose`` (then it is printed). Call it while
+    the broker is up."""
+    lost, duplicated, broker_lost = account(stream, index, mode)
     assert lost == 0, f"{lost} inputs have no answer"
+    assert broker_may_lose or broker_lost == 0, f"the broker lost {broker_lost} acknowledged inputs"
     if mode == "exactly_once":
         assert duplicated == 0, f"{duplicated} inputs were answered more than once"
 
@@ -195,13 +237,14 @@ def test_kill_scale_and_rolling_update(mode: str, kafka_bootstrap: str, topics: 
             for w in reversed(extra):
                 settle([x for x in extra if not x._stop.is_set()])
                 w.stop(20)
-                assert wait_for(lambda: stream.flowing_since(int(time.time() * 1000)), 60)
+                t = int(time.time() * 1000)
+                assert wait_for(lambda t=t: stream.flowing_since(t), 90), (
+                    f"after {w.replica_id} left: " + repr({x.replica_id: x.stats()["num_partitions_assigned"]
+                                                          for x in extra if not x._stop.is_set()})
+                    + repr({p: v[-1:] for p, v in stream.produced_ms.items()}) + f" t={t}")
 
-        faults = [("kill", kill), ("scale 1->3", scale_up), ("rolling update", rolling)]
-        if os.environ.get("ELBERT_TEST_KAFKA_BOOTSTRAP"):
-            faults.append(("scale 3->1", scale_down))
-        else:  # measured twice: after the LeaveGroup the group never rebalanced (no partition flowed in 60 s)
-            print("[fault] scale 3->1 skipped: Tansu 0.6 wedges the group when a dynamic member leaves")
+        faults = [("kill", kill), ("scale 1->3", scale_up), ("rolling update", rolling),
+                  ("scale 3->1", scale_down)]
         for name, action in faults:
             stream.fault(name, action)
             assert all(w.alive() for w in extra if not w._stop.is_set()), [w.error for w in extra]
@@ -242,43 +285,71 @@ def test_producer_ack_timeout_is_retried(mode: str, tiny_model_dir: Path) -> Non
                 os.kill(pid, signal.SIGSTOP)
                 time.sleep(5.0)
                 os.kill(pid, signal.SIGCONT)
-                t = int(time.time() * 1000)  # resumed, or failed loudly: then replaced, as Serve would
-                wait_for(lambda: stream.flowing_since(t) or not workers[-1].alive(), 30)
-                if not workers[-1].alive():
-                    print(f"[fault] {mode}: worker failed after the freeze: {workers[-1].error!r}")
-                    assert isinstance(workers[-1].error, DeliveryError), workers[-1].error
-                    workers[-1].stop(5)
-                    workers.append(start())
+                resume_or_replace(stream, workers, start, f"{mode}: after the freeze", 30)
 
             stream.fault("ack timeout (broker frozen 5 s)", freeze)
             assert workers[-1].alive(), workers[-1].error
             index = stream.finish()
+            assert_delivered(stream, index, mode)
         finally:
             for w in workers:
                 w.stop(20)
     assert workers[-1].error is None, workers[-1].error
     if mode == "at_least_once":
         assert len(workers) == 1, "the producer's retries should have ridden out the freeze"
-    assert_delivered(stream, index, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_broker_restart_resumes_without_operator(mode: str, tiny_model_dir: Path, topics: dict[str, str],
-                                                 kafka_bootstrap: str) -> None:
-    """Needs a broker with durable storage and a way to restart it: ELBERT_TEST_KAFKA_BOOTSTRAP plus
-    ELBERT_TEST_KAFKA_RESTART_CMD (e.g. ``docker restart kafka``). Tansu here is memory-only."""
-    restart = os.environ.get("ELBERT_TEST_KAFKA_RESTART_CMD")
-    if not (os.environ.get("ELBERT_TEST_KAFKA_BOOTSTRAP") and restart):
-        pytest.skip("broker restart needs durable storage: Tansu here is memory-only (file:// rejected); "
-                    "set ELBERT_TEST_KAFKA_BOOTSTRAP and ELBERT_TEST_KAFKA_RESTART_CMD")
-    settings = worker_settings(kafka_bootstrap, topics, tiny_model_dir, kafka={"delivery": mode})
-    stream = Stream(kafka_bootstrap, topics)
-    worker = Worker(settings, Engine.from_settings(settings), None, replica_id="r").start()
-    try:
-        assert wait_for(lambda: stream.flowing_since(0), 60)
-        stream.fault("broker restart", lambda: subprocess.run(restart, shell=True, check=True), 180)
-        assert worker.alive(), worker.error
+def test_broker_restart_resumes_without_operator(mode: str, tiny_model_dir: Path) -> None:
+    """The broker stopped (SIGTERM) and started again on the same port mid-stream. Tansu keeps its log
+    in S3 here (a local moto S3: in memory it would lose every topic and offset on restart). The
+    worker must reconnect and resume by itself; where the outage fails an exactly_once transaction the
+    worker stops with DeliveryError and is replaced under the same id, as Serve would. Against an
+    external broker: ELBERT_TEST_KAFKA_BOOTSTRAP with ELBERT_TEST_KAFKA_RESTART_CMD (e.g.
+    ``docker restart kafka``)."""
+    with contextlib.ExitStack() as stack:
+        external, restart_cmd = os.environ.get("ELBERT_TEST_KAFKA_BOOTSTRAP"), os.environ.get(
+            "ELBERT_TEST_KAFKA_RESTART_CMD")
+        names = {"input": f"in-{mode}", "output": f"out-{mode}", "dead": f"dlq-{mode}", "group": f"g-{mode}"}
+        if external:
+            if not restart_cmd:
+                pytest.skip("an external broker needs ELBERT_TEST_KAFKA_RESTART_CMD to restart it")
+            bootstrap = external
+
+            def restart() -> None:
+                subprocess.run(restart_cmd, shell=True, check=True)
+        else:
+            store = S3Store()
+            stack.callback(store.stop)
+            broker = stack.enter_context(EmbeddedBroker(storage=store.url, env=store.env))
+            bootstrap = broker.bootstrap
+
+            def restart() -> None:
+                broker.stop()
+                broker.start()
+        create_topics(bootstrap, [names["input"], names["output"], names["dead"]], 4)
+        kafka = {"delivery": mode, "delivery_timeout_ms": 60_000}
+        settings = worker_settings(bootstrap, names, tiny_model_dir, kafka=kafka)
+        stream = Stream(bootstrap, names)
+        workers: list[Worker] = []
+        stack.callback(lambda: [w.stop(20) for w in workers])
+
+        def start() -> Worker:
+            return Worker(settings, Engine.from_settings(settings), None, replica_id="r").start()
+
+        workers.append(start())
+        assert wait_for(lambda: stream.flowing_since(0), 60), workers[0].stats()
+
+        def outage() -> None:
+            restart()
+            resume_or_replace(stream, workers, start, f"{mode}: after the restart", 90)
+
+        stream.fault("broker restart", outage, 180)
+        assert workers[-1].alive(), workers[-1].error
         index = stream.finish(180)
-    finally:
-        worker.stop(20)
-    assert_delivered(stream, index, mode)
+        assert workers[-1].error is None, workers[-1].error
+        if mode == "at_least_once":
+            assert len(workers) == 1, "the worker should have ridden out the restart by itself"
+        # Tansu 0.6 on S3 loses some records it acknowledged around a restart (docs/streaming.md):
+        # every input that is in the log must be answered; what the broker lost is printed
+        assert_delivered(stream, index, mode, broker_may_lose=not external)
