@@ -255,8 +255,8 @@ def measure_streaming(setup: Setup, batch: int, capacity: float,
 def layer_row_cost(setup: Setup, batch: int, max_length: int, min_rows: int = 256) -> dict[str, float]:
     """Milliseconds per row of one engine layer+head call on full-length rows, alone and in a batch of
     ``batch`` (the engine's own call, CPU row chunks included). ``batching_gain`` = alone / batched is
-    the most any batching can gain per layer row over batch size 1 on this device: (f) / (e) cannot
-    exceed it by much (both run the same rows; (f) only saves per-step overhead)."""
+    what batching saves per layer row over batch size 1 on this device; (f) and (e) run the same rows,
+    so beyond this gain (f) saves only per-step overhead (Python, embed and head calls, host read)."""
     model = setup.model
     settings = EngineSettings(max_slots=batch, max_batch_tokens=batch * max_length)
     engine = Engine(model, ExitPolicy("none", model.num_layers), settings, max_length=max_length)
