@@ -116,8 +116,8 @@ def _variants_md(run: dict[str, Any]) -> list[str]:
         b = run["batch_size"]
         lines += [f"Layer+head cost per full-length row: {cost['ms_per_row_at_1']:.2f} ms alone, "
                   f"{cost[f'ms_per_row_at_{b}']:.2f} ms in a batch of {b}: batching gain "
-                  f"{cost['batching_gain']:.2f}x. Beyond that gain, (f) saves over (e) only per-step overhead "
-                  "(Python, the embed and head calls, the host read).", ""]
+                  f"{cost['batching_gain']:.2f}x. Beyond that gain, (f) saves over (e) only per-step "
+                  "overhead (Python, the embed and head calls, the host read).", ""]
     if run["targets"]:
         lines += ["| target | measured | met |", "| --- | ---: | --- |"]
         lines += [f"| {t['name']} | {t['value']:.2f} | {'yes' if t['met'] else 'NO'} |"
