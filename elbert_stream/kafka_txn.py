@@ -62,7 +62,6 @@ class TransactionalSink(KafkaSink):
                          transactional_id=transactional_id(settings, replica_id), **producer_overrides)
         self._held: dict[TopicPartition, dict[int, list[_Held]]] = {}
         self._held_lock = threading.Lock()
-        self._dropped: dict[TopicPartition, int | None] = {}  # revoked tp -> its epoch when dropped
         self.num_transactions = 0
         self.producer.init_transactions()
 
@@ -83,13 +82,12 @@ class TransactionalSink(KafkaSink):
                     _Held(topic, value, key, headers, outcome))
 
     def drop(self, tps: set[TopicPartition]) -> None:
-        """Forget held records of revoked partitions (any thread). Until the tracker forgets them too
-        (the source does so right after), ``commit`` must not commit their offsets: their records
-        are gone, so that would lose them."""
+        """Forget held records of revoked partitions and, under the same lock, their tracked offsets
+        (any thread): ``commit`` then never sees offsets whose records are gone."""
         with self._held_lock:
             for tp in tps:
                 self._held.pop(tp, None)
-                self._dropped[tp] = self.tracker.epoch(tp)
+            self.tracker.forget(tps)
 
     def commit(self, source: KafkaSource, force: bool = False) -> dict[TopicPartition, int]:
         """One transaction: held records of the ready prefix + the prefix ends as group offsets."""
@@ -97,11 +95,6 @@ class TransactionalSink(KafkaSink):
             return {}
         with self._held_lock:  # offsets and their records taken together (a revoke drops both or neither)
             offsets = self.tracker.committable()
-            for tp, epoch in list(self._dropped.items()):
-                if epoch is not None and self.tracker.epoch(tp) == epoch:
-                    offsets.pop(tp, None)  # dropped, not yet forgotten: its records are gone
-                else:
-                    del self._dropped[tp]
             batch = self._take(offsets)
         if not offsets:
             return {}

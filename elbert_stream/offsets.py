@@ -112,12 +112,6 @@ class OffsetTracker:
             parts = ((tp, self._parts.get(TopicPartition(*tp))) for tp in tps)
             return {tp: p.pending[0] for tp, p in parts if p is not None and p.pending}
 
-    def epoch(self, tp: tuple[str, int]) -> int | None:
-        """The partition's live assignment epoch (None when not tracked, e.g. forgotten)."""
-        with self._lock:
-            part = self._parts.get(TopicPartition(*tp))
-            return None if part is None else part.epoch
-
     def is_current(self, topic: str, partition: int, epoch: int) -> bool:
         """Whether ``epoch`` is the partition's live assignment (False once forgotten)."""
         with self._lock:
