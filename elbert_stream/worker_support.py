@@ -109,11 +109,13 @@ class LoopStats:
     def finished(self, preds: list[Prediction]) -> None:
         with self._lock:
             self._finished += len(preds)
-            recent, decay = self._recent_exits, self._decay
-            for p in preds:  # each exit ages the histogram by one message
-                for i in range(len(recent)):
-                    recent[i] *= decay
-                recent[min(max(p.exit_depth, 1), len(recent)) - 1] += 1.0
+            # each exit ages the histogram by one message: O(L + n) per batch, not O(L n)
+            recent, n = self._recent_exits, len(preds)
+            age = self._decay ** n
+            for i in range(len(recent)):
+                recent[i] *= age
+            for k, p in enumerate(preds):
+                recent[min(max(p.exit_depth, 1), len(recent)) - 1] += self._decay ** (n - 1 - k)
 
     def set_engine(self, stats: Any, now: float) -> None:
         eng = asdict(stats)
