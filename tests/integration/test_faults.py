@@ -150,6 +150,14 @@ def account(stream: Stream, index: dict[Any, list[Any]], mode: str,
         print(f"[fault] {mode}: the broker acknowledged {len(broker_lost)} inputs that are not in its log: "
               f"{[(p, o) for _, p, o in broker_lost[:30]]}")
     missing = sorted((stream.sent_positions & in_log) - set(index))
+    if missing:  # the live reader may have missed some around a restart: read every answer again
+        again = read_all(stream.bootstrap, [stream.topics["output"], stream.topics["dead"]], 0, settle_s=2.0,
+                         isolation_level="read_committed")
+        fresh = by_source({"out": again[stream.topics["output"]], "dead": again[stream.topics["dead"]]})
+        if found := set(missing) & set(fresh):
+            print(f"[fault] {mode}: a fresh read finds {len(found)} answers the live reader missed")
+        index.update({p: fresh[p] for p in fresh if len(fresh[p]) > len(index.get(p, []))})
+        missing = [p for p in missing if p not in index]
     if acked_answers is not None and (dropped := [p for p in missing if p in acked_answers]):
         print(f"[fault] {mode}: the broker acknowledged {len(dropped)} answers that are not in its log: "
               f"{[(p, o) for _, p, o in dropped[:30]]}")
