@@ -215,6 +215,9 @@ def create_topics(bootstrap: str, names: list[str] | tuple[str, ...], partitions
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
+    from elbert_stream.redact import register_secrets
+
+    register_secrets(*(str(v) for k, v in client_config.items() if "password" in k and v))  # logged at DEBUG
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="elbert-admin", **client_config)
     try:
         existing = set(admin.list_topics())

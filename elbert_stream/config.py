@@ -58,6 +58,11 @@ class KafkaSettings(BaseModel):
     """Kafka source and sink; see docs/streaming.md. Secrets are SecretStr: never logged or exported."""
 
     bootstrap_servers: str = Field("127.0.0.1:9092", description="comma-separated host:port list")
+    bootstrap_timeout_ms: int = Field(
+        30_000, ge=1000,
+        description="how long a client tries to reach the cluster at start (ms); then the replica fails "
+                    "with KafkaUnreachable naming the cause (wrong address, credentials, CA)",
+    )
     input_topics: list[str] = Field(default_factory=lambda: ["elbert-input"], description="topics to consume")
     output_topic: str = Field("elbert-output", description="one versioned JSON record per input")
     dead_letter_topic: str = Field("elbert-dead-letter", description="original bytes + reason headers")

@@ -15,11 +15,12 @@ committed, so the replacement replica processes the message again. Nothing is lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ from elbert_stream.records import (
     dead_letter_headers,
     trace_headers,
 )
+from elbert_stream.redact import register_secrets
 
 log = logging.getLogger(__name__)
 COMMIT_TIMEOUT_MS = 5000  # a commit blocks the loop thread at most this long; it is retried next interval
@@ -52,8 +54,11 @@ class DeliveryError(ElbertError):
 
 
 def client_config(k: KafkaSettings) -> dict[str, Any]:
-    """Connection and security options shared by consumer, producer and admin clients."""
+    """Connection and security options shared by consumer, producer and admin clients. The secrets in
+    it are registered with ``redact`` (kafka-python logs them at DEBUG)."""
+    register_secrets(*(s.get_secret_value() for s in (k.sasl_password, k.ssl_password) if s is not None))
     cfg: dict[str, Any] = {"bootstrap_servers": k.bootstrap_servers.split(","),
+                           "bootstrap_timeout_ms": k.bootstrap_timeout_ms,
                            "security_protocol": k.security_protocol}
     if k.sasl_mechanism:
         cfg.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username,
@@ -63,6 +68,47 @@ def client_config(k: KafkaSettings) -> dict[str, Any]:
                    ssl_password=k.ssl_password.get_secret_value() if k.ssl_password else None,
                    ssl_check_hostname=k.ssl_check_hostname)
     return cfg
+
+
+class KafkaUnreachable(ElbertError):
+    """No Kafka client could bootstrap: wrong address, credentials, CA or protocol (the message says
+    which settings were used and the last refusal kafka-python logged)."""
+
+
+class _Refusals(logging.Handler):
+    """Collects the distinct causes of the "Bootstrap connection to X failed: <cause> (backoff ...)"
+    warnings kafka-python logs while a client bootstraps."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.causes: dict[str, None] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Bootstrap connection") and "failed: " in message:
+            self.causes[message.split("failed: ", 1)[1].rsplit(" (backoff", 1)[0]] = None
+
+
+@contextlib.contextmanager
+def explain_bootstrap(k: KafkaSettings, what: str) -> Iterator[None]:
+    """Turn kafka-python's bare "Unable to bootstrap" into an error that names the bootstrap servers,
+    the security settings (never a secret) and the cause of the last refused connection (e.g.
+    ``SaslAuthenticationFailedError``), so a misconfigured replica fails with a readable reason."""
+    refusals = _Refusals()
+    logger = logging.getLogger("kafka.net.manager")
+    logger.addHandler(refusals)
+    try:
+        yield
+    except kerrors.KafkaTimeoutError as e:
+        used = f"security_protocol={k.security_protocol}"
+        if k.sasl_mechanism:
+            used += f", sasl_mechanism={k.sasl_mechanism}, sasl_username={k.sasl_username}"
+        if k.security_protocol in ("SSL", "SASL_SSL"):
+            used += f", ssl_cafile={k.ssl_cafile}, ssl_certfile={k.ssl_certfile}"
+        raise KafkaUnreachable(f"the {what} could not connect to Kafka at {k.bootstrap_servers} ({used}): "
+                               f"{e}; refused with: {'; '.join(refusals.causes) or 'nothing logged'}") from e
+    finally:
+        logger.removeHandler(refusals)
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):
@@ -109,14 +155,16 @@ class KafkaSource:
         self.num_revocations = 0  # rebalances that took partitions away (revoked or lost)
         self._reread: dict[TopicPartition, int | None] = {}  # revoked -> where to read again (None: commit)
         self._last_commit_s = time.monotonic()
-        self.consumer = KafkaConsumer(
-            **client_config(settings), client_id=client_id, group_id=settings.group_id,
-            group_instance_id=settings.group_instance_id, enable_auto_commit=False,
-            auto_offset_reset=settings.auto_offset_reset, session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=settings.heartbeat_interval_ms, max_poll_records=settings.max_poll_records,
-            isolation_level=isolation_level, fetch_max_bytes=settings.fetch_max_bytes,
-            max_partition_fetch_bytes=min(settings.fetch_max_bytes, 1024 * 1024),
-        )
+        with explain_bootstrap(settings, "consumer"):
+            self.consumer = KafkaConsumer(
+                **client_config(settings), client_id=client_id, group_id=settings.group_id,
+                group_instance_id=settings.group_instance_id, enable_auto_commit=False,
+                auto_offset_reset=settings.auto_offset_reset, session_timeout_ms=settings.session_timeout_ms,
+                heartbeat_interval_ms=settings.heartbeat_interval_ms,
+                max_poll_records=settings.max_poll_records, isolation_level=isolation_level,
+                fetch_max_bytes=settings.fetch_max_bytes,
+                max_partition_fetch_bytes=min(settings.fetch_max_bytes, 1024 * 1024),
+            )
         self.consumer.subscribe(settings.input_topics, listener=_Rebalance(self))
 
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputMessage]:
@@ -295,7 +343,8 @@ class KafkaSink:
                                "compression_type": None if settings.compression_type == "none"
                                else settings.compression_type}
         cfg.update(producer_overrides)
-        self.producer = KafkaProducer(**client_config(settings), client_id=client_id, **cfg)
+        with explain_bootstrap(settings, "producer"):
+            self.producer = KafkaProducer(**client_config(settings), client_id=client_id, **cfg)
 
     @property
     def in_flight(self) -> int:

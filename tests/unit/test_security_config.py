@@ -30,10 +30,12 @@ SECURE_ENV = {
     "ELBERT_KAFKA__SSL_KEYFILE": "/etc/kafka/client.key",
     "ELBERT_KAFKA__SSL_PASSWORD": SSL_PW,
     "ELBERT_KAFKA__SSL_CHECK_HOSTNAME": "false",
+    "ELBERT_KAFKA__BOOTSTRAP_TIMEOUT_MS": "7000",
     "ELBERT_TELEMETRY__OTLP_HEADERS": OTLP,
 }
 WANT_SECURE = {
-    "bootstrap_servers": ["b1:9093", "b2:9093"], "security_protocol": "SASL_SSL",
+    "bootstrap_servers": ["b1:9093", "b2:9093"], "bootstrap_timeout_ms": 7000,
+    "security_protocol": "SASL_SSL",
     "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "elbert", "sasl_plain_password": SASL_PW,
     "ssl_cafile": "/etc/kafka/ca.pem", "ssl_certfile": "/etc/kafka/client.pem",
     "ssl_keyfile": "/etc/kafka/client.key", "ssl_password": SSL_PW, "ssl_check_hostname": False,
