@@ -241,7 +241,7 @@ def _child_processes() -> list[str]:
     return out
 
 
-def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="broker + Ray Serve + the BBC test split, end to end, with a summary")
     p.add_argument("--model", default=None, help="model dir (default: the shipped BBC model)")
     p.add_argument("--replicas", type=int, default=1, help="ElbertWorker replicas")

@@ -303,7 +303,7 @@ class ElbertWorker:
             "group_instance_id": self.group_instance_id,
             "exit": self._settings.exit.model_dump(),
             "worker": worker.stats() if worker is not None else None,
-            "telemetry": tel.to_dict() if hasattr(tel, "to_dict") else tel,
+            "telemetry": tel.to_dict() if tel is not None and hasattr(tel, "to_dict") else tel,
         }
 
     @api.get("/healthz")
@@ -372,10 +372,10 @@ class ElbertWorker:
 def build_app(args: Mapping[str, Any] | None = None) -> Any:
     """Application builder: ``serve run elbert_stream.deployment:build_app settings='{...}'``."""
     overrides = parse_overrides((args or {}).get("settings"))
-    return ElbertWorker.bind(overrides)
+    return ElbertWorker.bind(overrides)  # type: ignore[attr-defined]  # added by @serve.deployment
 
 
-app = ElbertWorker.bind()
+app = ElbertWorker.bind()  # type: ignore[attr-defined]
 
 
 # ---- a local Ray + Serve for the demo, the benchmark and the tests ------------------------------
@@ -414,7 +414,10 @@ def run_local_app(overrides: Mapping[str, Any] | None = None, *, name: str = "el
                          "import_path": "elbert_stream.deployment:build_app",
                          "args": {"settings": dict(overrides or {})}, "deployments": [dep]}
     config = ServeDeploySchema.model_validate({"applications": list(_LOCAL_APPS.values())})
-    _get_global_client().deploy_apps(config, _blocking=wait)
+    client = _get_global_client()
+    if client is None:
+        raise ElbertError("no Ray Serve controller: call serve.start() first")
+    client.deploy_apps(config, _blocking=wait)
 
 
 def delete_local_app(name: str) -> None:

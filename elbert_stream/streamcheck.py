@@ -195,9 +195,9 @@ def account(sent: Sequence[Sent], outputs: Iterable[Received],
         else:
             acc.strays += 1
     for rec in dead_letters:
-        pos = dead_letter_position(rec)
-        if pos in wanted:
-            acc.dead_letters.setdefault(pos, []).append(rec)  # type: ignore[index]
+        where = dead_letter_position(rec)
+        if where is not None and where in wanted:
+            acc.dead_letters.setdefault(where, []).append(rec)
         else:
             acc.strays += 1
     acc.lost = sorted(p for p in wanted if p not in acc.outputs and p not in acc.dead_letters)
