@@ -101,12 +101,13 @@ class Stream:
         value in the input topic; one that is not there was lost by the broker (a negative offset)."""
         sent = {(m.topic, m.partition, m.offset) for _, m in acked if m.offset >= 0}
         unknown = [(v, m) for v, m in acked if m.offset < 0]
-        if unknown:
-            raw = read_all(self.bootstrap, [self.topics["input"]], 0, settle_s=1.0)
+        if unknown:  # the log holds at least the sends acknowledged with an offset, unless lost
+            raw = read_all(self.bootstrap, [self.topics["input"]], len(sent), timeout_s=15, settle_s=1.0)
             where = {r.value: (r.topic, r.partition, r.offset) for r in raw[self.topics["input"]]}
             found = [where.get(v, (m.topic, m.partition, -2 - i)) for i, (v, m) in enumerate(unknown)]
             print(f"[fault] {len(unknown)} sends acknowledged without an offset (duplicates of a retry); "
-                  f"{sum(p[2] < 0 for p in found)} of them are not in the input topic")
+                  f"{sum(p[2] < 0 for p in found)} of them are not in the input topic "
+                  f"({len(where)} records read, {len(sent)} sends acknowledged with an offset)")
             sent |= set(found)
         return sent
 
@@ -141,7 +142,8 @@ def account(stream: Stream, index: dict[Any, list[Any]], mode: str,
     ``acked_answers`` (input positions whose answer the broker acknowledged to the worker) is given,
     answers the broker acknowledged and then lost."""
     topic = stream.topics["input"]
-    log_ = read_all(stream.bootstrap, [topic], len(stream.sent_positions), timeout_s=30, settle_s=1.0)
+    at_least = sum(o >= 0 for _, _, o in stream.sent_positions)
+    log_ = read_all(stream.bootstrap, [topic], at_least, timeout_s=15, settle_s=1.0)
     in_log = {(r.topic, r.partition, r.offset) for r in log_[topic]}
     unread = set(index) & stream.sent_positions - in_log  # answered, so the worker read them
     assert not unread, f"the input log read back incompletely ({len(in_log)} records): cannot account"
