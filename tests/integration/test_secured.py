@@ -7,7 +7,7 @@ advertises the gateway's port. The worker is configured only through ELBERT_KAFK
 variables (as the k8s manifests do) and must answer every input through the gateway; the gateway
 records each handshake and authenticated user, so a client that went around security fails the test.
 Wrong credentials, an untrusted CA and a missing client certificate must be refused, and no secret
-may appear in the logs or in ``/stats``.
+may appear in the logs, in ``/stats`` or in a trace.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ import pytest
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 from kafka_support import by_source, produce, read_all, wait_for
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from secure_gateway import Pki, SecureGateway
 
 from elbert_stream.broker import EmbeddedBroker, create_topics
 from elbert_stream.config import Settings
 from elbert_stream.engine import Engine
 from elbert_stream.kafka_io import KafkaUnreachable, client_config
+from elbert_stream.telemetry import Telemetry
 from elbert_stream.worker import Worker
 
 pytestmark = pytest.mark.integration
@@ -87,6 +89,7 @@ class Secured:
             "ELBERT_KAFKA__GROUP_ID": "g", "ELBERT_KAFKA__SESSION_TIMEOUT_MS": "6000",
             "ELBERT_KAFKA__HEARTBEAT_INTERVAL_MS": "1000", "ELBERT_KAFKA__DELIVERY": delivery,
             "ELBERT_KAFKA__SECURITY_PROTOCOL": protocol, "ELBERT_ENGINE__MAX_SLOTS": "8",
+            "ELBERT_TELEMETRY__TRACE_SAMPLE_RATIO": "1.0",
         }
         if mechanism:
             self.env.update({"ELBERT_KAFKA__SASL_MECHANISM": mechanism,
@@ -135,7 +138,11 @@ def test_worker_answers_through_the_secured_listener(secured: Secured,
     cfg = client_config(settings.kafka)
     cfg.pop("bootstrap_servers")
     create_topics(secured.bootstrap, ["in", "out", "dlq"], 2, **cfg)
-    worker = Worker(settings, Engine.from_settings(settings), None, replica_id="secure").start()
+    engine = Engine.from_settings(settings)
+    spans = InMemorySpanExporter()
+    telemetry = Telemetry(settings.telemetry, replica_id="secure", num_layers=engine.model.num_layers,
+                          span_exporters=[spans])
+    worker = Worker(settings, engine, None, replica_id="secure", telemetry=telemetry).start()
     try:
         texts = [f"secured story {i}: the market rallied".encode() for i in range(40)] + [b"\xff\xfe bad"]
         sent = produce(secured.bootstrap, "in", [(None, t, {}) for t in texts], **cfg)
@@ -155,6 +162,9 @@ def test_worker_answers_through_the_secured_listener(secured: Secured,
         assert worker.error is None, worker.error
     finally:
         worker.stop(10)
+        telemetry.shutdown()
+    traces = [span.to_json() for span in spans.get_finished_spans()]
+    assert len(traces) >= 41, len(traces)  # one span per message, sampled (trace_sample_ratio 1.0)
     g = secured.gateway
     protocol, mechanism, mutual = secured.case
     if protocol.endswith("SSL"):
@@ -168,6 +178,7 @@ def test_worker_answers_through_the_secured_listener(secured: Secured,
     for secret in secrets_of(secured.env):
         assert secret not in caplog.text, "a secret reached the logs"
         assert secret not in stats, "a secret reached /stats"
+        assert not any(secret in t for t in traces), "a secret reached a trace"
 
 
 def admin_error(bootstrap: str, **cfg: Any) -> BaseException | None:
