@@ -39,6 +39,7 @@ from elbert_stream.worker import Worker
 pytestmark = pytest.mark.integration
 MODES = ["at_least_once", "exactly_once"]
 RATE = 80.0  # input messages per second, round-robin over the partitions
+IDLE_S = 60.0  # finish() gives up this long after the last answer (> any stall measured, 20.5 s)
 
 
 class Stream:
@@ -113,8 +114,8 @@ class Stream:
         return sent
 
     def finish(self, timeout_s: float = 45.0) -> dict[tuple[str, int, int], list[tuple[str, Record]]]:
-        """Stop producing; wait until every input has an answer (at most ``timeout_s``, and 30 s past the
-        last answer); return the answers by input position."""
+        """Stop producing; wait until every input has an answer (at most ``timeout_s``, and ``IDLE_S`` past
+        the last answer: answers the broker lost never come); return the answers by input position."""
         self._stop.set()
         self._threads[0].join()
         self.producer.flush()
@@ -127,10 +128,10 @@ class Stream:
             return by_source({"out": got[self.topics["output"]], "dead": got[self.topics["dead"]]})
 
         deadline = time.monotonic() + timeout_s
-        idle_until = time.monotonic() + 30.0  # answers the broker lost never come: stop 30 s after the last
+        idle_until = time.monotonic() + IDLE_S
         while time.monotonic() < min(deadline, idle_until) and not sent <= set(answers()):
             if self.reader.poll(200):
-                idle_until = time.monotonic() + 30.0
+                idle_until = time.monotonic() + IDLE_S
         self.reader.read(0, settle_s=1.0)
         self.reader.close()
         index = answers()
