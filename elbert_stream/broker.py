@@ -210,14 +210,13 @@ class S3Store:
 
 def create_topics(bootstrap: str, names: list[str] | tuple[str, ...], partitions: int = 1,
                   **client_config: object) -> None:
-    """Create ``names`` with ``partitions`` partitions each on ``bootstrap``; existing ones are kept."""
+    """Create ``names`` with ``partitions`` partitions each on ``bootstrap``; existing ones are kept.
+    ``client_config``: security options, from ``kafka_io.client_config`` (which also keeps their
+    secrets out of kafka-python's DEBUG lines)."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    from elbert_stream.redact import register_secrets
-
-    register_secrets(*(str(v) for k, v in client_config.items() if "password" in k and v))  # logged at DEBUG
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="elbert-admin", **client_config)
     try:
         existing = set(admin.list_topics())

@@ -70,6 +70,11 @@ def client_config(k: KafkaSettings) -> dict[str, Any]:
     return cfg
 
 
+# what KafkaUnreachable reports of the client's settings (the secrets are never among them)
+SHOWN_SECURITY_SETTINGS = {"security_protocol", "sasl_mechanism", "sasl_username", "ssl_cafile",
+                           "ssl_certfile"}
+
+
 class KafkaUnreachable(ElbertError):
     """No Kafka client could bootstrap: wrong address, credentials, CA or protocol (the message says
     which settings were used and the last refusal kafka-python logged)."""
@@ -100,11 +105,8 @@ def explain_bootstrap(k: KafkaSettings, what: str) -> Iterator[None]:
     try:
         yield
     except kerrors.KafkaTimeoutError as e:
-        used = f"security_protocol={k.security_protocol}"
-        if k.sasl_mechanism:
-            used += f", sasl_mechanism={k.sasl_mechanism}, sasl_username={k.sasl_username}"
-        if k.security_protocol in ("SSL", "SASL_SSL"):
-            used += f", ssl_cafile={k.ssl_cafile}, ssl_certfile={k.ssl_certfile}"
+        shown = k.model_dump(include=SHOWN_SECURITY_SETTINGS, exclude_none=True)
+        used = ", ".join(f"{name}={shown[name]}" for name in sorted(shown))
         raise KafkaUnreachable(f"the {what} could not connect to Kafka at {k.bootstrap_servers} ({used}): "
                                f"{e}; refused with: {'; '.join(refusals.causes) or 'nothing logged'}") from e
     finally:
