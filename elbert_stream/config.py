@@ -26,7 +26,9 @@ class ModelSettings(BaseModel):
 
 
 class ExitSettings(BaseModel):
-    """Exit rule. ``None`` values take the model's saved defaults (its config's ``elbert`` block)."""
+    """The exit rule and its thresholds: the one shape, wherever exit settings appear (``Settings.exit``,
+    ``reconfigure``'s ``exit`` section, the defaults saved with a model as ``config.elbert.exit``, the
+    engine's ``ExitPolicy``). ``None`` takes the model's saved value (``over``)."""
 
     policy: PolicyName = Field(
         "confidence_window", description="confidence_window (ELBERT), entropy, patience (PABEE) or none"
@@ -36,6 +38,19 @@ class ExitSettings(BaseModel):
     patience: int | None = Field(None, ge=1, description="PABEE patience (policy=patience)")
     require_rising: bool | None = Field(None, description="stage 2 also needs non-falling top probability")
     min_depth: int | None = Field(None, ge=1, description="no exit before this depth")
+
+    def over(self, defaults: ExitSettings) -> ExitSettings:
+        """These settings with every ``None`` threshold taken from ``defaults``."""
+        mine = {k: v for k, v in self.model_dump().items() if v is not None}
+        return ExitSettings.model_validate({**defaults.model_dump(), **mine})
+
+    def unset(self) -> list[str]:
+        """Names of the thresholds left to a model's defaults."""
+        return [k for k, v in self.model_dump().items() if v is None]
+
+
+# a model's exit defaults when its config has no (or a partial) ``elbert.exit`` block
+MODEL_EXIT_DEFAULTS = ExitSettings(tau=0.1, window=3, patience=3, require_rising=False, min_depth=1)
 
 
 class EngineSettings(BaseModel):

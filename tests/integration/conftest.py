@@ -1,6 +1,6 @@
 """Integration fixtures: one real Kafka-compatible broker per test session.
 
-By default a Tansu broker (``elbert_stream.broker.EmbeddedBroker``) is started on a free loopback
+By default a Tansu broker (``elbert_stream.testing.broker.EmbeddedBroker``) is started on a free loopback
 port and stopped at the end of the session. Set ``ELBERT_TEST_KAFKA_BOOTSTRAP=host:port`` to run the
 integration tests against an external broker instead (topics get unique names per test, so a shared
 broker is fine).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from elbert_stream.broker import EmbeddedBroker, create_topics
+from elbert_stream.testing.broker import EmbeddedBroker, create_topics
 
 _topic_ids = itertools.count()
 

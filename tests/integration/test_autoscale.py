@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 from serve_support import Stream, report, texts
 
-from elbert_stream import deployment
-from elbert_stream.broker import free_port
+from elbert_stream.serve import local
+from elbert_stream.testing.broker import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
 
-POLICY = "elbert_stream.autoscaling:ExitDepthPolicy"
+POLICY = "elbert_stream.serve.autoscaling:ExitDepthPolicy"
 
 
 def autoscaling_config(max_replicas: int, **policy_kwargs: Any) -> dict[str, Any]:
@@ -36,9 +36,9 @@ def autoscaling_config(max_replicas: int, **policy_kwargs: Any) -> dict[str, Any
 @pytest.fixture(scope="module")
 def http_port() -> Iterator[int]:
     port = free_port()
-    deployment.start_local_ray(2, http_port=port)
+    local.start_local_ray(2, http_port=port)
     yield port
-    deployment.shutdown_local_ray()
+    local.shutdown_local_ray()
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def stream(kafka_bootstrap: str, tiny_model_dir: Path, http_port: int) -> Iterat
 
 
 def deploy_autoscaled(s: Stream, config: dict[str, Any], user_config: dict[str, Any] | None = None) -> None:
-    deployment.run_local_app(s.overrides(), name=s.name, num_cpus=0.5, user_config=user_config,
+    local.run_local_app(s.overrides(), name=s.name, num_cpus=0.5, user_config=user_config,
                              route_prefix=s.route, autoscaling_config=config)
 
 
@@ -60,7 +60,7 @@ def watch_replicas(s: Stream, stop: threading.Event) -> tuple[threading.Thread, 
     def run() -> None:
         t0 = time.monotonic()
         while not stop.is_set():
-            samples.append((time.monotonic() - t0, len(deployment.replica_actor_names(s.name))))
+            samples.append((time.monotonic() - t0, len(local.replica_actor_names(s.name))))
             stop.wait(0.5)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -83,7 +83,7 @@ def test_burst_scales_up_then_back_down_after_the_drain(stream: Stream) -> None:
     # machine drain the burst before the first look-back window closed)
     deploy_autoscaled(stream, autoscaling_config(max_replicas=4, drain_time_s=1.0),
                       user_config={"exit": {"policy": "none"}})
-    deployment.wait_until_consuming(stream.name, stream.http_port, stream.route, num_replicas=1)
+    local.wait_until_consuming(stream.name, stream.http_port, stream.route, num_replicas=1)
     stop = threading.Event()
     watcher, samples = watch_replicas(stream, stop)
     try:
@@ -109,7 +109,7 @@ def test_stricter_thresholds_at_the_same_rate_scale_up(stream: Stream) -> None:
                                 scale_down_delay_s=3.0)
     shallow = {"exit": {"policy": "entropy", "tau": 1.0}}
     deploy_autoscaled(stream, config, user_config=shallow)
-    deployment.wait_until_consuming(stream.name, stream.http_port, stream.route, num_replicas=1)
+    local.wait_until_consuming(stream.name, stream.http_port, stream.route, num_replicas=1)
     producer = stream.produce_in_background(texts(6000, "rate"), rate_per_s=100)
     stop = threading.Event()
     watcher, samples = watch_replicas(stream, stop)

@@ -29,12 +29,12 @@ import pytest
 from kafka import KafkaProducer
 from kafka_support import Reader, Record, by_source, read_all, run_cli, wait_for, worker_settings
 
-from elbert_stream.broker import EmbeddedBroker, S3Store, create_topics
 from elbert_stream.config import Settings
-from elbert_stream.engine import Engine
-from elbert_stream.kafka_io import DeliveryError
-from elbert_stream.records import OutputRecord
-from elbert_stream.worker import Worker
+from elbert_stream.engine.engine import Engine
+from elbert_stream.stream.records import OutputRecord
+from elbert_stream.stream.sink import DeliveryError
+from elbert_stream.stream.worker import Worker
+from elbert_stream.testing.broker import EmbeddedBroker, S3Store, create_topics
 
 pytestmark = pytest.mark.integration
 MODES = ["at_least_once", "exactly_once"]

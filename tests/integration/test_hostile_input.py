@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from kafka_support import Reader, by_source, produce, read_all, rss_mb, run_cli, wait_for, worker_settings
 
-from elbert_stream.broker import create_topics
-from elbert_stream.engine import Engine
+from elbert_stream.engine.engine import Engine
 from elbert_stream.errors import BadMessage
-from elbert_stream.records import OutputRecord, decode_input
-from elbert_stream.worker import Worker
+from elbert_stream.stream.records import OutputRecord, decode_input
+from elbert_stream.stream.worker import Worker
+from elbert_stream.testing.broker import create_topics
 
 pytestmark = pytest.mark.integration
 BIG = 10_000_000

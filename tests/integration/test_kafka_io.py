@@ -14,12 +14,13 @@ from kafka import KafkaConsumer
 from kafka import TopicPartition as KTopicPartition
 from kafka_support import produce, read_all, wait_for
 
-from elbert_stream.broker import EmbeddedBroker
 from elbert_stream.config import KafkaSettings
-from elbert_stream.kafka_io import DeliveryError, KafkaSink, KafkaSource
-from elbert_stream.offsets import OffsetTracker, TopicPartition
-from elbert_stream.records import InputMessage, output_record
-from elbert_stream.request import DepthTrace, Prediction
+from elbert_stream.stream.offsets import CommitCadence, OffsetTracker, TopicPartition
+from elbert_stream.stream.records import InputMessage, output_record
+from elbert_stream.stream.sink import DeliveryError, KafkaSink
+from elbert_stream.stream.source import KafkaSource
+from elbert_stream.testing.broker import EmbeddedBroker
+from elbert_stream.types import DepthTrace, Prediction
 
 pytestmark = pytest.mark.integration
 
@@ -143,18 +144,24 @@ def test_undeliverable_output_is_fatal_and_never_committed(tmp_path: object) -> 
 
 
 def test_commit_only_finished_offsets_on_interval(kafka_bootstrap: str, topics: dict[str, str]) -> None:
-    """maybe_commit commits the contiguous finished run per partition, on the interval or when forced."""
+    """The cadence holds commits until the interval passed (or forced); the sink then commits the
+    contiguous finished run per partition."""
     produce(kafka_bootstrap, topics["input"], [(None, f"c{i}".encode(), {}) for i in range(12)])
     tracker = OffsetTracker()
-    source = KafkaSource(kafka_settings(kafka_bootstrap, topics, commit_interval_s=3600), tracker)
+    settings = kafka_settings(kafka_bootstrap, topics, commit_interval_s=3600)
+    source = KafkaSource(settings, tracker)
+    sink = KafkaSink(settings, tracker, replica_id="t")
+    cadence = CommitCadence(settings.commit_interval_s)
     try:
         msgs = poll_until(source, 12)
         for m in msgs:
             if m.offset != 1:  # offset 1 of every partition stays unfinished
                 tracker.done((m.topic, m.partition), m.offset, m.epoch)
-        assert source.maybe_commit() == {}  # interval not reached
-        done = source.maybe_commit(force=True)
+        assert not cadence.due()  # interval not reached
+        assert cadence.due(force=True)
+        done = sink.commit(source)
     finally:
+        sink.close(1)
         source.close()
     want = {}
     for p in {m.partition for m in msgs}:

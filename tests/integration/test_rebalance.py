@@ -17,8 +17,9 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka_support import wait_for
 
 from elbert_stream.config import KafkaSettings
-from elbert_stream.kafka_io import KafkaSource, client_config
-from elbert_stream.offsets import OffsetTracker
+from elbert_stream.stream.client import client_config
+from elbert_stream.stream.offsets import OffsetTracker
+from elbert_stream.stream.source import KafkaSource
 
 pytestmark = pytest.mark.integration
 

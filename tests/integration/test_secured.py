@@ -27,12 +27,12 @@ from kafka_support import by_source, produce, read_all, wait_for
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from secure_gateway import Pki, SecureGateway
 
-from elbert_stream.broker import EmbeddedBroker, create_topics
 from elbert_stream.config import Settings
-from elbert_stream.engine import Engine
-from elbert_stream.kafka_io import KafkaUnreachable, client_config
-from elbert_stream.telemetry import Telemetry
-from elbert_stream.worker import Worker
+from elbert_stream.engine.engine import Engine
+from elbert_stream.stream.client import KafkaUnreachable, client_config
+from elbert_stream.stream.worker import Worker
+from elbert_stream.telemetry.metrics import Telemetry
+from elbert_stream.testing.broker import EmbeddedBroker, create_topics
 
 pytestmark = pytest.mark.integration
 SASL_PASSWORD = "s3cr3t-sasl-password"

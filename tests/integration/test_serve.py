@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from serve_support import LABELS, TINY_LAYERS, Stream, report, texts
 
-from elbert_stream import deployment
-from elbert_stream.broker import free_port
-from elbert_stream.demo import DEMO_MAX_MESSAGE_BYTES, bad_inputs
+from elbert_stream.serve import local
+from elbert_stream.testing.broker import free_port
+from examples.demo import DEMO_MAX_MESSAGE_BYTES, bad_inputs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -29,9 +29,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 @pytest.fixture(scope="module")
 def http_port() -> Iterator[int]:
     port = free_port()
-    deployment.start_local_ray(2, http_port=port, log_to_driver=bool(os.environ.get("ELBERT_TEST_RAY_LOGS")))
+    local.start_local_ray(2, http_port=port, log_to_driver=bool(os.environ.get("ELBERT_TEST_RAY_LOGS")))
     yield port
-    deployment.shutdown_local_ray()
+    local.shutdown_local_ray()
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def stream(kafka_bootstrap: str, tiny_model_dir: Path, http_port: int) -> Iterat
 
 
 def wait_assigned(s: Stream, num_replicas: int) -> set[str]:
-    return deployment.wait_until_consuming(s.name, s.http_port, s.route, num_replicas=num_replicas)
+    return local.wait_until_consuming(s.name, s.http_port, s.route, num_replicas=num_replicas)
 
 
 def block_ports(n: int) -> tuple[list[socket.socket], int]:
@@ -83,8 +83,8 @@ def test_replica_killed_mid_stream_loses_nothing(stream: Stream) -> None:
     producer = stream.produce_in_background(texts(600, "kill"), rate_per_s=100)
     with stream.reader() as r:
         r.poll_until(lambda rd: rd.count(stream.output) >= 150, 30)
-    victim = deployment.replica_actor_names(stream.name)[0]
-    deployment.kill_replica(victim)
+    victim = local.replica_actor_names(stream.name)[0]
+    local.kill_replica(victim)
     producer.join(30)
     acc = stream.wait_all(120)
     report(f"killed {victim.rsplit('#', 1)[-1]} mid-stream", acc)
@@ -100,10 +100,10 @@ def test_scale_two_one_two_loses_nothing(stream: Stream) -> None:
     producer = stream.produce_in_background(texts(1200, "scale"), rate_per_s=60)
     time.sleep(4)
     stream.deploy(1)  # graceful: the stopped replica drains and commits
-    assert len(deployment.replica_actor_names(stream.name)) == 1
+    assert len(local.replica_actor_names(stream.name)) == 1
     time.sleep(6)
     stream.deploy(2)
-    assert len(deployment.replica_actor_names(stream.name)) == 2
+    assert len(local.replica_actor_names(stream.name)) == 2
     producer.join(60)
     acc = stream.wait_all(150)
     report("scale 2 -> 1 -> 2", acc)
@@ -138,10 +138,10 @@ def test_reconfigure_changes_exit_depths_live_and_http(stream: Stream) -> None:
     acc = stream.wait_all(60, sent=first)
     assert not acc.lost
     assert {o.exit_depth for recs in acc.outputs.values() for o in recs} == {TINY_LAYERS}
-    before = set(deployment.replica_actor_names(stream.name))
+    before = set(local.replica_actor_names(stream.name))
 
     stream.deploy(1, user_config={"exit": {"policy": "entropy", "tau": 1.0}})
-    assert set(deployment.replica_actor_names(stream.name)) == before, "reconfigure must not restart"
+    assert set(local.replica_actor_names(stream.name)) == before, "reconfigure must not restart"
     code, stats = stream.http("GET", "/stats")
     assert code == 200 and stats["exit"]["policy"] == "entropy" and stats["worker"]["alive"]
     second = stream.produce(texts(40, "after"))
@@ -164,13 +164,13 @@ def test_dead_worker_fails_health_check_and_is_replaced(stream: Stream) -> None:
     blockers, port = block_ports(4)  # the metrics port is offset by the replica's local rank (< 4 here)
     overrides = stream.overrides()
     overrides["telemetry"] = {"prometheus_port": port}
-    deployment.run_local_app(overrides, name=stream.name, num_replicas=1, num_cpus=0.5,
+    local.run_local_app(overrides, name=stream.name, num_replicas=1, num_cpus=0.5,
                              route_prefix=stream.route, wait=False)
     stream.produce(texts(50, "health"))
     try:
         seen, deadline, unhealthy = set(), time.monotonic() + 60, None
         while time.monotonic() < deadline and (len(seen) < 2 or unhealthy is None):
-            seen |= set(deployment.replica_actor_names(stream.name))
+            seen |= set(local.replica_actor_names(stream.name))
             code, body = stream.http("GET", "/healthz")
             if code == 503 and isinstance(body, dict):
                 unhealthy = body["detail"]

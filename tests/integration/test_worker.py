@@ -31,10 +31,10 @@ from kafka_support import (
 )
 
 from elbert_stream.config import ExitSettings, Settings
-from elbert_stream.engine import Engine
-from elbert_stream.records import OutputRecord
-from elbert_stream.telemetry import Telemetry
-from elbert_stream.worker import Worker
+from elbert_stream.engine.engine import Engine
+from elbert_stream.stream.records import OutputRecord
+from elbert_stream.stream.worker import Worker
+from elbert_stream.telemetry.metrics import Telemetry
 
 pytestmark = pytest.mark.integration
 TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -259,8 +259,8 @@ def test_rebalance_commits_from_the_io_thread_and_never_skips(kafka_bootstrap: s
 def test_broker_loss_fails_the_worker(tiny_model_dir: Path) -> None:
     """Outputs that cannot be delivered within delivery_timeout_ms stop the worker with a
     DeliveryError naming the message (its health check fails) instead of hanging."""
-    from elbert_stream.broker import EmbeddedBroker
-    from elbert_stream.kafka_io import DeliveryError
+    from elbert_stream.stream.sink import DeliveryError
+    from elbert_stream.testing.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
         names = {"input": "in", "output": "out", "dead": "dlq", "group": "g"}

@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
 
-from elbert_stream import autoscaling as asc
+from elbert_stream import load
 from elbert_stream.errors import ConfigError
+from elbert_stream.serve import autoscaling as asc
 
 L = 12
 TICK_S = 2.0
@@ -32,42 +33,42 @@ def _samples_remaining(counts: list[int], depth: int) -> float:
 
 
 def test_empty_histogram_assumes_full_depth() -> None:
-    assert asc.expected_remaining_layers([0] * L, 0) == L
-    assert asc.expected_remaining_layers([0] * L, 5) == L - 5
-    assert asc.expected_remaining_layers([0] * L, L) == 0.0
+    assert load.expected_remaining_layers([0] * L, 0) == L
+    assert load.expected_remaining_layers([0] * L, 5) == L - 5
+    assert load.expected_remaining_layers([0] * L, L) == 0.0
 
 
 @given(st.lists(st.integers(0, 50), min_size=2, max_size=24), st.data())
 @settings(max_examples=60, deadline=None)
 def test_expected_remaining_matches_sample_mean(counts: list[int], data: st.DataObject) -> None:
     depth = data.draw(st.integers(0, len(counts) - 1))
-    assert asc.expected_remaining_layers(counts, depth) == pytest.approx(_samples_remaining(counts, depth))
+    assert load.expected_remaining_layers(counts, depth) == pytest.approx(_samples_remaining(counts, depth))
 
 
 def test_shallow_histogram_is_cheap_and_conditioning_raises_remaining() -> None:
     shallow = [1000, 0, 0] + [0] * (L - 3)  # everything exits at depth 1
-    assert asc.mean_exit_depth(shallow) == pytest.approx((1000 * 1 + L) / 1001)
+    assert load.mean_exit_depth(shallow) == pytest.approx((1000 * 1 + L) / 1001)
     # a slot still busy at depth 1 did not exit there: only the prior (depth L) is left
-    assert asc.expected_remaining_layers(shallow, 1) == pytest.approx(L - 1)
+    assert load.expected_remaining_layers(shallow, 1) == pytest.approx(L - 1)
 
 
 def test_bad_histogram_arguments_raise() -> None:
     with pytest.raises(ConfigError, match=r"\[\]"):
-        asc.expected_remaining_layers([], 0)
+        load.expected_remaining_layers([], 0)
     with pytest.raises(ConfigError, match="-1"):
-        asc.expected_remaining_layers([1, 2], -1)
+        load.expected_remaining_layers([1, 2], -1)
 
 
 def test_pending_layer_work_sums_slots_queue_and_trusted_lag() -> None:
     exits = [0, 0, 30, 0] + [0] * (L - 4)  # typical exit at depth 3
     busy = [2, 1, 0, 4] + [0] * (L - 4)  # 2 fresh, 1 at depth 1, 4 past the typical exit
-    per_msg = asc.mean_exit_depth(exits)
-    remaining = asc.expected_remaining_layers
+    per_msg = load.mean_exit_depth(exits)
+    remaining = load.expected_remaining_layers
     in_flight = 2 * per_msg + remaining(exits, 1) + 4 * remaining(exits, 3)
-    assert asc.expected_remaining_layers(exits, 3) == pytest.approx(L - 3)  # only the prior survives
-    no_lag = asc.pending_layer_work(busy, exits, num_waiting=5, lag_messages=None)
+    assert load.expected_remaining_layers(exits, 3) == pytest.approx(L - 3)  # only the prior survives
+    no_lag = load.pending_layer_work(busy, exits, num_waiting=5, lag_messages=None)
     assert no_lag == pytest.approx(in_flight + 5 * per_msg)
-    with_lag = asc.pending_layer_work(busy, exits, num_waiting=5, lag_messages=100)
+    with_lag = load.pending_layer_work(busy, exits, num_waiting=5, lag_messages=100)
     assert with_lag - no_lag == pytest.approx(100 * per_msg)
 
 
@@ -95,42 +96,42 @@ def _worker_stats(msgs_per_s: float, exits: list[int], *, waiting: int = 0, busy
 
 def test_report_keys_types_and_values() -> None:
     exits = [0, 10, 0, 0] + [0] * (L - 4)
-    report = asc.build_replica_report(_worker_stats(50, exits, lag={0: 10, 1: None, 2: -5}), 900.0)
-    assert set(report) == set(asc.REPORT_KEYS)
+    report = load.build_replica_report(_worker_stats(50, exits, lag={0: 10, 1: None, 2: -5}), 900.0)
+    assert set(report) == set(load.REPORT_KEYS)
     assert all(type(v) is float for v in report.values())  # Ray accepts only int/float values
     per_msg = (10 * 2 + L) / 11
-    assert report[asc.LAYER_WORK_ARRIVAL_RATE] == pytest.approx(50 * per_msg)
-    assert report[asc.PENDING_LAYER_WORK] == pytest.approx(10 * per_msg)  # only the trusted lag
-    assert report[asc.CAPACITY] == 900.0 and report[asc.PARTITIONS_TOTAL] == 8.0
+    assert report[load.LAYER_WORK_ARRIVAL_RATE] == pytest.approx(50 * per_msg)
+    assert report[load.PENDING_LAYER_WORK] == pytest.approx(10 * per_msg)  # only the trusted lag
+    assert report[load.CAPACITY] == 900.0 and report[load.PARTITIONS_TOTAL] == 8.0
 
 
 def test_backlog_counts_as_waiting_and_pause_as_saturation() -> None:
     exits = [0] * L
     stats = _worker_stats(1, exits)
-    base = asc.build_replica_report(stats, 0.0)[asc.PENDING_LAYER_WORK]
-    with_backlog = asc.build_replica_report({**stats, "backlog": 7}, 0.0)[asc.PENDING_LAYER_WORK]
+    base = load.build_replica_report(stats, 0.0)[load.PENDING_LAYER_WORK]
+    with_backlog = load.build_replica_report({**stats, "backlog": 7}, 0.0)[load.PENDING_LAYER_WORK]
     assert with_backlog - base == pytest.approx(7 * L)
-    assert not asc.is_saturated(stats)
-    assert asc.is_saturated({**stats, "backlog": 1}) and asc.is_saturated({**stats, "paused": True})
+    assert not load.is_saturated(stats)
+    assert load.is_saturated({**stats, "backlog": 1}) and load.is_saturated({**stats, "paused": True})
 
 
 def test_report_names_missing_worker_stats() -> None:
     with pytest.raises(ConfigError, match="layer_steps_per_s"):
-        asc.build_replica_report({"busy_depth_counts": [0], "exit_depth_counts": [1], "num_waiting": 0,
+        load.build_replica_report({"busy_depth_counts": [0], "exit_depth_counts": [1], "num_waiting": 0,
                                   "arrival_rate_msgs_per_s": 1.0}, 0.0)
 
 
 def test_capacity_is_measured_only_while_saturated() -> None:
-    reporter = asc.ReplicaReporter.create(alpha=0.5)
+    reporter = load.ReplicaReporter.create(alpha=0.5)
     exits = [0] * L
     idle = reporter.report(_worker_stats(1, exits, steps_per_s=100.0))
-    assert idle[asc.CAPACITY] == 0.0  # an idle engine says nothing about its capacity
+    assert idle[load.CAPACITY] == 0.0  # an idle engine says nothing about its capacity
     first = reporter.report(_worker_stats(1, exits, waiting=3, steps_per_s=1000.0))
-    assert first[asc.CAPACITY] == 1000.0
+    assert first[load.CAPACITY] == 1000.0
     full_table = reporter.report(_worker_stats(1, exits, busy=[64] + [0] * (L - 1), steps_per_s=2000.0))
-    assert full_table[asc.CAPACITY] == pytest.approx(1500.0)  # EWMA alpha 0.5
+    assert full_table[load.CAPACITY] == pytest.approx(1500.0)  # EWMA alpha 0.5
     after = reporter.report(_worker_stats(1, exits, steps_per_s=10.0))
-    assert after[asc.CAPACITY] == pytest.approx(1500.0)  # kept when no longer saturated
+    assert after[load.CAPACITY] == pytest.approx(1500.0)  # kept when no longer saturated
 
 
 # --------------------------------------------------------------------------- the policy
@@ -176,7 +177,7 @@ DEEP = [0] * (L - 2) + [100, 900]  # mostly runs to the end
 
 def _report(msgs_per_s: float, exits: list[int], *, waiting: int = 0, partitions: int = 16) -> dict:
     stats = _worker_stats(msgs_per_s, exits, waiting=waiting, partitions=partitions)
-    return asc.build_replica_report(stats, CAP)
+    return load.build_replica_report(stats, CAP)
 
 
 def _fleet(n: int, total_msgs_per_s: float, exits: list[int], waiting_total: int = 0, partitions: int = 16):
@@ -195,8 +196,8 @@ def test_burst_scales_up_at_once_to_the_formula() -> None:
     assert sim.tick(_fleet(1, 50, SHALLOW)) == 1
     backlog_msgs = 100_000
     reports = _fleet(sim.target, 50, SHALLOW, waiting_total=backlog_msgs)
-    work = sum(r[asc.PENDING_LAYER_WORK] for r in reports)
-    arrival = sum(r[asc.LAYER_WORK_ARRIVAL_RATE] for r in reports)
+    work = sum(r[load.PENDING_LAYER_WORK] for r in reports)
+    arrival = sum(r[load.LAYER_WORK_ARRIVAL_RATE] for r in reports)
     expected = math.ceil(max(arrival / (0.7 * CAP), (arrival + work / 30.0) / CAP))
     assert expected >= 3
     assert sim.tick(reports) == expected  # one tick, no upscale delay
@@ -250,15 +251,15 @@ def test_same_message_rate_deeper_texts_need_more_replicas() -> None:
         deep.tick(_fleet(deep.target, 300, DEEP))
     # a message-count autoscaler would size both the same: 300 msgs/s
     assert deep.target > shallow.target
-    assert deep.target == math.ceil(300 * asc.mean_exit_depth(DEEP) / (0.7 * CAP))
-    assert shallow.target == math.ceil(300 * asc.mean_exit_depth(SHALLOW) / (0.7 * CAP))
+    assert deep.target == math.ceil(300 * load.mean_exit_depth(DEEP) / (0.7 * CAP))
+    assert shallow.target == math.ceil(300 * load.mean_exit_depth(SHALLOW) / (0.7 * CAP))
 
 
 def test_without_a_capacity_measurement_the_count_is_held() -> None:
     sim = Sim(_policy(scale_down_delay_s=0.0), target=3)
-    unmeasured = [asc.build_replica_report(_worker_stats(100, SHALLOW), 0.0) for _ in range(3)]
+    unmeasured = [load.build_replica_report(_worker_stats(100, SHALLOW), 0.0) for _ in range(3)]
     assert sim.tick(unmeasured) == 3
-    idle = [asc.build_replica_report(_worker_stats(0, SHALLOW), 0.0) for _ in range(3)]
+    idle = [load.build_replica_report(_worker_stats(0, SHALLOW), 0.0) for _ in range(3)]
     assert sim.tick(idle) == 1  # no load at all: back to min_replicas
     assert sim.tick([]) == 1  # no reports: hold
 
@@ -266,12 +267,12 @@ def test_without_a_capacity_measurement_the_count_is_held() -> None:
 def test_policy_loads_through_ray_policy_config() -> None:
     from ray.serve._private.autoscaling_state import _resolve_policy_callable
 
-    policy = AutoscalingPolicy(policy_function="elbert_stream.autoscaling:ExitDepthPolicy",
+    policy = AutoscalingPolicy(policy_function="elbert_stream.serve.autoscaling:ExitDepthPolicy",
                                policy_kwargs={"target_utilization": 0.5, "scale_down_delay_s": 5.0})
     instance = _resolve_policy_callable(policy)
     assert instance.settings.target_utilization == 0.5 and instance.settings.scale_down_delay_s == 5.0
     default = _resolve_policy_callable(AutoscalingPolicy(
-        policy_function="elbert_stream.autoscaling:exit_depth_policy"))
+        policy_function="elbert_stream.serve.autoscaling:exit_depth_policy"))
     assert default.settings.target_utilization == 0.7
 
 
@@ -284,9 +285,9 @@ def test_bad_policy_kwargs_are_rejected_with_the_value() -> None:
 
 def test_the_worker_snapshot_carries_what_the_report_needs() -> None:
     """Contract with the worker: its stats snapshot has every key build_replica_report reads."""
-    from elbert_stream.worker_support import LoopStats
+    from elbert_stream.stream.loop_stats import LoopStats
 
     snapshot = LoopStats(num_layers=L).snapshot()
-    assert set(asc.REQUIRED_WORKER_STATS) <= set(snapshot)
-    report = asc.ReplicaReporter.create().report(snapshot)
-    assert report[asc.PENDING_LAYER_WORK] == 0.0 and report[asc.MEAN_EXIT_DEPTH] == L
+    assert set(load.REQUIRED_WORKER_STATS) <= set(snapshot)
+    report = load.ReplicaReporter.create().report(snapshot)
+    assert report[load.PENDING_LAYER_WORK] == 0.0 and report[load.MEAN_EXIT_DEPTH] == L

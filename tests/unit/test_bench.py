@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from elbert_stream import bench_harness as H
-from elbert_stream import engine_bench as E
+from bench import engine_bench as E
+from bench import harness as H
 from elbert_stream.cli import build_parser
+from elbert_stream.engine.policy import EXIT_MAX_DEPTH, ExitState
 from elbert_stream.errors import ConfigError
-from elbert_stream.exit_policy import EXIT_MAX_DEPTH, ExitState
-from elbert_stream.request import Prediction, Request
+from elbert_stream.types import Prediction, Request
 
 HIST = [1, 3, 2, 0, 0, 1]  # tiny model: L = 6
 
@@ -135,7 +135,7 @@ def test_bench_cli_parses_every_part() -> None:
 
 
 def test_targets_compare_measured_ratios_with_the_bars() -> None:
-    from elbert_stream import bench_report
+    from bench import report as bench_report
 
     speeds = {"a": 10.0, "b": 11.0, "c": 20.0, "d": 50.0, "e": 30.0, "f": 60.0}
     run = {"variants": {v: {"samples_per_s": s} for v, s in speeds.items()}, "ideal_samples_per_s": 70.0,

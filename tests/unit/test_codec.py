@@ -7,7 +7,7 @@ import json
 import pytest
 
 from elbert_stream.errors import BadMessage
-from elbert_stream.records import (
+from elbert_stream.stream.records import (
     DEAD_LETTER_REASONS,
     Decoded,
     InputMessage,
@@ -18,7 +18,7 @@ from elbert_stream.records import (
     parse_headers,
     trace_headers,
 )
-from elbert_stream.request import DepthTrace, Prediction
+from elbert_stream.types import DepthTrace, Prediction
 
 
 def decode(value: bytes | None, fmt: str = "auto", max_bytes: int = 1000, max_chars: int = 100) -> Decoded:

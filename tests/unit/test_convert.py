@@ -6,7 +6,7 @@ import torch
 from tiny_elbert import tiny_model, tiny_tokenizer
 from transformers import BertModel
 
-from elbert_stream.convert import bert_to_elbert, minilm_dir, trim_vocab
+from elbert_stream.training.convert import bert_to_elbert, minilm_dir, trim_vocab
 
 
 def test_shared_layer_is_the_chosen_bert_layer_on_bert_embeddings() -> None:

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from elbert_stream.data import (
+from elbert_stream.training.data import (
     DataError,
     Dataset,
     Example,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from elbert_stream.config import Settings
-from elbert_stream.deployment import (
+from elbert_stream.errors import ConfigError
+from elbert_stream.serve.overrides import (
     LIVE_SECTIONS,
     RESTART_SECTIONS,
     changed_sections,
@@ -14,7 +15,6 @@ from elbert_stream.deployment import (
     merge_settings,
     parse_overrides,
 )
-from elbert_stream.errors import ConfigError
 
 
 def test_deep_merge_merges_nested_and_replaces_leaves() -> None:

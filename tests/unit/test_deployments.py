@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from elbert_stream.autoscaling import ExitDepthPolicy
+from elbert_stream.serve.autoscaling import ExitDepthPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {name: ROOT / "deployments" / f"{name}.yaml" for name in ("production", "local")}
@@ -25,7 +25,7 @@ def load(name: str) -> dict[str, Any]:
 
 def worker_deployment(doc: dict[str, Any]) -> dict[str, Any]:
     (app,) = doc["applications"]
-    assert app["import_path"] == "elbert_stream.deployment:app"
+    assert app["import_path"] == "elbert_stream.serve.deployment:app"
     (dep,) = app["deployments"]
     assert dep["name"] == "ElbertWorker"
     return dep
@@ -85,7 +85,7 @@ def test_serve_schema_accepts(name: str) -> None:
 def test_user_config_is_valid_settings(name: str) -> None:
     """The replica deep-merges user_config on env settings and rejects unknown keys."""
     merge_settings = pytest.importorskip(
-        "elbert_stream.deployment", reason="elbert_stream/deployment.py not in the tree yet"
+        "elbert_stream.serve.deployment", reason="elbert_stream/serve/deployment.py not in the tree yet"
     ).merge_settings
     from elbert_stream.config import Settings
 
@@ -97,7 +97,7 @@ def test_user_config_is_valid_settings(name: str) -> None:
 def test_production_autoscaling_uses_the_exit_depth_policy() -> None:
     dep = worker_deployment(load("production"))
     config = AutoscalingConfig(**dep["autoscaling_config"])  # imports the policy, as Serve does
-    assert config.policy.policy_function == "elbert_stream.autoscaling:ExitDepthPolicy"
+    assert config.policy.policy_function == "elbert_stream.serve.autoscaling:ExitDepthPolicy"
     policy = ExitDepthPolicy(**config.policy.policy_kwargs)  # what Serve instantiates
     assert 0 < policy.settings.target_utilization <= 1
     assert config.upscale_delay_s == 0 and config.downscale_delay_s == 0  # our hysteresis only

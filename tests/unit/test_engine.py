@@ -20,18 +20,18 @@ from hypothesis import strategies as st
 from transformers import AlbertConfig, AutoTokenizer
 
 from elbert_stream.config import EngineSettings, Settings
-from elbert_stream.engine import BATCH_MODES, Engine
+from elbert_stream.engine.engine import BATCH_MODES, Engine
+from elbert_stream.engine.model import ElbertModel, normalised_entropy
+from elbert_stream.engine.policy import REASON_NAMES, ExitPolicy, exit_depths_offline
 from elbert_stream.errors import BadMessage, ConfigError, EngineFailure
-from elbert_stream.exit_policy import REASON_NAMES, ExitPolicy, exit_depths_offline
-from elbert_stream.model import ElbertModel, normalised_entropy
-from elbert_stream.request import Prediction, Request
+from elbert_stream.types import Prediction, Request
 
 L, K, VOCAB, MAX_POS = 6, 3, 100, 64
 POLICIES = {
-    "window": ExitPolicy("confidence_window", L, tau=0.3, window=3),
-    "entropy": ExitPolicy("entropy", L, tau=0.3),
-    "patience": ExitPolicy("patience", L, patience=2),
-    "none": ExitPolicy("none", L),
+    "window": ExitPolicy.of("confidence_window", L, tau=0.3, window=3),
+    "entropy": ExitPolicy.of("entropy", L, tau=0.3),
+    "patience": ExitPolicy.of("patience", L, patience=2),
+    "none": ExitPolicy.of("none", L),
 }
 TOL = 1e-4
 
@@ -169,7 +169,7 @@ def test_set_policy_live_from_another_thread() -> None:
         assert eng.add(Request(text(rng, 5), request_id=str(i)))
     assert eng.step() == [] and eng.step() == []  # depth 2, nobody exits under "none"
     assert eng.stats().busy_depth_counts[2] == 3
-    everyone = ExitPolicy("entropy", L, tau=1.0)  # normalised entropy < 1 for any non-uniform p
+    everyone = ExitPolicy.of("entropy", L, tau=1.0)  # normalised entropy < 1 for any non-uniform p
     th = threading.Thread(target=eng.set_policy, args=(everyone,))
     th.start()
     th.join()
@@ -177,7 +177,7 @@ def test_set_policy_live_from_another_thread() -> None:
     assert sorted(p.exit_depth for p in out) == [3, 3, 3] and {p.exit_reason for p in out} == {"entropy"}
     assert eng.policy is everyone and eng.stats().policy["policy"] == "entropy"
     with pytest.raises(ConfigError, match="policy is for 12 layers, the model has 6"):
-        eng.set_policy(ExitPolicy("none", 12))
+        eng.set_policy(ExitPolicy.of("none", 12))
 
 
 def test_oversize_text_served_alone_and_budget_respected() -> None:
@@ -212,7 +212,7 @@ def test_config_errors() -> None:
     with pytest.raises(ConfigError, match="max_length must be in"):
         Engine(model(), POLICIES["none"], EngineSettings(), max_length=MAX_POS + 1)
     with pytest.raises(ConfigError, match="policy is for 12 layers"):
-        Engine(model(), ExitPolicy("none", 12), EngineSettings(), max_length=MAX_POS)
+        Engine(model(), ExitPolicy.of("none", 12), EngineSettings(), max_length=MAX_POS)
     with pytest.raises(ConfigError, match="unknown engine mode 'fast'"):
         Engine(model(), POLICIES["none"], EngineSettings(), max_length=MAX_POS, mode="fast")  # type: ignore[arg-type]
 

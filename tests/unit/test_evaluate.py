@@ -9,10 +9,14 @@ import torch
 from tiny_elbert import LABELS, save_tiny_model_dir, write_labelled_jsonl
 
 from elbert_stream.cli import main
-from elbert_stream.evaluate import classify_text, frontier, interpolate
-from elbert_stream.exit_policy import POLICIES, ExitPolicy, exit_depths_offline
-from elbert_stream.model import ElbertModel, load_tokenizer
-from elbert_stream.scoring import PolicyScore, all_depth_probs, choose_exit_defaults, encode
+from elbert_stream.config import EngineSettings
+from elbert_stream.engine.classify import classify_texts
+from elbert_stream.engine.engine import Engine
+from elbert_stream.engine.model import ElbertModel, load_tokenizer
+from elbert_stream.engine.policy import POLICIES, ExitPolicy, exit_depths_offline
+from elbert_stream.training.evaluate import frontier, interpolate
+from elbert_stream.training.scoring import PolicyScore, all_depth_probs, choose_exit_defaults, encode
+from elbert_stream.types import Prediction
 
 
 @pytest.fixture()
@@ -50,7 +54,7 @@ def test_evaluate_writes_required_json_markdown_and_plots(tiny_dir, tmp_path) ->
 
 
 def test_hf_baseline_equals_full_depth_for_cls_pooling(tmp_path) -> None:
-    from elbert_stream.evaluate import hf_baseline
+    from elbert_stream.training.evaluate import hf_baseline
 
     model = ElbertModel.from_pretrained(save_tiny_model_dir(tmp_path / "m", num_layers=3, pooling="cls"))
     ids, mask = encode(load_tokenizer(tmp_path / "m"), ["market shares", "a goal in the match today"], 16)
@@ -73,20 +77,29 @@ def test_classify_json_lines_from_stdin(tiny_dir, capsys, monkeypatch) -> None:
         assert sum(obj["probabilities"]) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_classify_text_exit_matches_offline_policy(tiny_dir) -> None:
+def test_classify_on_the_engine_matches_offline_policy(tiny_dir) -> None:
+    """classify runs on the Engine: 2 slots for 3 texts (a slot is refilled), in input order."""
     model, tok = ElbertModel.from_pretrained(tiny_dir), load_tokenizer(tiny_dir)
     texts = ["market shares vote", "goal match", "phone chip film music party"]
     probs = all_depth_probs(model, *encode(tok, texts, 32))  # [L, N, K]
     for policy in (
-        ExitPolicy("patience", 4, patience=1),
-        ExitPolicy("confidence_window", 4, tau=0.9, window=2),
+        ExitPolicy.of("patience", 4, patience=1),
+        ExitPolicy.of("confidence_window", 4, tau=0.9, window=2),
     ):
         depth, _ = exit_depths_offline(policy, probs)
-        for i, text in enumerate(texts):
-            pred = classify_text(model, tok, policy, text, 32)
+        engine = Engine(model, policy, EngineSettings(max_slots=2, max_queue=2), max_length=32, tokenizer=tok)
+        preds = classify_texts(engine, texts)
+        for i, pred in enumerate(preds):
+            assert isinstance(pred, Prediction) and pred.meta == i
             assert pred.exit_depth == int(depth[i]) and len(pred.trace) == pred.exit_depth
             assert pred.label_index == int(probs[depth[i] - 1, i].argmax())
             assert pred.probabilities == pytest.approx(probs[depth[i] - 1, i].tolist(), abs=1e-5)
+
+
+def test_classify_refuses_bad_exit_flags_with_a_message(tiny_dir, capsys) -> None:
+    assert main(["classify", "--model", str(tiny_dir), "--tau", "1.5", "market shares"]) == 1
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and "tau" in err
 
 
 def test_text_output_names_label_and_depth(tiny_dir, capsys) -> None:

@@ -9,8 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elbert_stream.errors import ConfigError
-from elbert_stream.exit_policy import (
+from elbert_stream.engine.policy import (
     EXIT_ENTROPY,
     EXIT_MAX_DEPTH,
     EXIT_PATIENCE,
@@ -20,6 +19,7 @@ from elbert_stream.exit_policy import (
     ExitState,
     exit_depths_offline,
 )
+from elbert_stream.errors import ConfigError
 
 
 def _traj(*rows: list[float]) -> torch.Tensor:
@@ -39,46 +39,46 @@ def test_hand_computed_entropies() -> None:
 
 def test_stage1_entropy_exits_when_confident() -> None:
     probs = _traj(UNSURE, SURE, SURE, SURE)
-    depth, reason = exit_depths_offline(ExitPolicy("confidence_window", 4, tau=0.1, window=4), probs)
+    depth, reason = exit_depths_offline(ExitPolicy.of("confidence_window", 4, tau=0.1, window=4), probs)
     assert depth.tolist() == [2] and reason.tolist() == [EXIT_ENTROPY]
-    depth, _ = exit_depths_offline(ExitPolicy("entropy", 4, tau=0.08), probs)  # 0.0808 is not < 0.08
+    depth, _ = exit_depths_offline(ExitPolicy.of("entropy", 4, tau=0.08), probs)  # 0.0808 is not < 0.08
     assert depth.tolist() == [4]
 
 
 def test_stage2_window_exits_on_a_stable_label() -> None:
     # labels 0, 1, 0, 0, 0: the streak of label 0 reaches 3 at depth 5
     probs = _traj(UNSURE, FLIP, UNSURE, FAIRLY, UNSURE, UNSURE)
-    depth, reason = exit_depths_offline(ExitPolicy("confidence_window", 6, tau=0.0, window=3), probs)
+    depth, reason = exit_depths_offline(ExitPolicy.of("confidence_window", 6, tau=0.0, window=3), probs)
     assert depth.tolist() == [5] and reason.tolist() == [EXIT_WINDOW]
     # with require_rising the top prob fell at depth 5 (0.9 -> 0.6): the rising run restarts there
     depth, _ = exit_depths_offline(
-        ExitPolicy("confidence_window", 6, tau=0.0, window=3, require_rising=True), probs
+        ExitPolicy.of("confidence_window", 6, tau=0.0, window=3, require_rising=True), probs
     )
     assert depth.tolist() == [6]
 
 
 def test_stage1_wins_over_stage2_and_reason_is_entropy() -> None:
     probs = _traj(SURE, SURE, SURE)
-    depth, reason = exit_depths_offline(ExitPolicy("confidence_window", 3, tau=0.2, window=1), probs)
+    depth, reason = exit_depths_offline(ExitPolicy.of("confidence_window", 3, tau=0.2, window=1), probs)
     assert depth.tolist() == [1] and reason.tolist() == [EXIT_ENTROPY]
 
 
 def test_patience_needs_patience_repeats_after_the_first() -> None:
     probs = _traj(UNSURE, FLIP, FLIP, FLIP, FLIP)
-    depth, reason = exit_depths_offline(ExitPolicy("patience", 5, patience=2), probs)
+    depth, reason = exit_depths_offline(ExitPolicy.of("patience", 5, patience=2), probs)
     assert depth.tolist() == [4] and reason.tolist() == [EXIT_PATIENCE]
 
 
 def test_none_exits_only_at_max_depth_and_min_depth_holds() -> None:
     probs = _traj(SURE, SURE, SURE, SURE)
-    depth, reason = exit_depths_offline(ExitPolicy("none", 4), probs)
+    depth, reason = exit_depths_offline(ExitPolicy.of("none", 4), probs)
     assert depth.tolist() == [4] and reason.tolist() == [EXIT_MAX_DEPTH]
-    depth, _ = exit_depths_offline(ExitPolicy("entropy", 4, tau=0.5, min_depth=3), probs)
+    depth, _ = exit_depths_offline(ExitPolicy.of("entropy", 4, tau=0.5, min_depth=3), probs)
     assert depth.tolist() == [3]
 
 
 def test_decide_is_per_row_and_state_carries() -> None:
-    policy = ExitPolicy("confidence_window", 12, tau=0.1, window=2)
+    policy = ExitPolicy.of("confidence_window", 12, tau=0.1, window=2)
     state = ExitState.empty(2)
     probs = torch.tensor([UNSURE, SURE])  # [B, K]
     dec = policy.decide(probs, torch.tensor([1, 7]), state)
@@ -90,7 +90,7 @@ def test_decide_is_per_row_and_state_carries() -> None:
 def test_bad_thresholds_raise_config_error() -> None:
     for kwargs in ({"name": "fastest"}, {"tau": 1.5}, {"window": 0}, {"min_depth": 13}):
         with pytest.raises(ConfigError):
-            ExitPolicy(**{"name": "entropy", "num_layers": 12, **kwargs})
+            ExitPolicy.of(**{"name": "entropy", "num_layers": 12, **kwargs})
 
 
 # ---- properties ---------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ policies = st.builds(
 def _make(spec: tuple, num_layers: int) -> ExitPolicy:
     name, tau, window, patience, rising, min_frac = spec
     min_depth = 1 + int(min_frac * (num_layers - 1))
-    return ExitPolicy(
+    return ExitPolicy.of(
         name,
         num_layers,
         tau=tau,

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from elbert_stream.config import EngineSettings, ExitSettings
-from elbert_stream.engine import Engine
+from elbert_stream.engine.engine import Engine
+from elbert_stream.engine.model import ElbertModel, load_tokenizer, shipped_model_dir
+from elbert_stream.engine.policy import ExitPolicy
 from elbert_stream.errors import ModelLoadError
-from elbert_stream.exit_policy import ExitPolicy
-from elbert_stream.model import ElbertModel, load_tokenizer, shipped_model_dir
-from elbert_stream.request import Request
+from elbert_stream.types import Request
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -28,9 +28,9 @@ def _labels(device: str, dtype: torch.dtype, policy_name: str,
     """(label, exit depth) per text from a fresh engine on ``device``."""
     model = ElbertModel.from_pretrained(None, device=device, dtype=dtype)
     if policy_name == "none":
-        policy = ExitPolicy("none", model.num_layers)
+        policy = ExitPolicy.of("none", model.num_layers)
     else:
-        policy = ExitPolicy.from_settings(ExitSettings(), model.extras.exit, model.num_layers)
+        policy = ExitPolicy.for_model(ExitSettings(), model.num_layers, model.extras.exit)
     engine = Engine(model, policy, EngineSettings(max_slots=32, max_batch_tokens=32 * 128), max_length=128)
     preds = engine.run_all([Request(x, request_id=str(i)) for i, x in enumerate(ids)])
     by_id = {p.request_id: (p.label_index, p.exit_depth) for p in preds}
@@ -39,7 +39,7 @@ def _labels(device: str, dtype: torch.dtype, policy_name: str,
 
 @pytest.fixture(scope="module")
 def bbc_ids() -> list[list[int]]:
-    from elbert_stream.bench_harness import bench_texts
+    from bench.harness import bench_texts
 
     try:
         tok = load_tokenizer(shipped_model_dir())

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from elbert_stream.errors import BadMessage
-from elbert_stream.records import (
+from elbert_stream.stream.records import (
     DEAD_LETTER_REASONS,
     Decoded,
     InputMessage,
@@ -24,7 +24,7 @@ from elbert_stream.records import (
     parse_headers,
     trace_headers,
 )
-from elbert_stream.request import DepthTrace, Prediction
+from elbert_stream.types import DepthTrace, Prediction
 
 MAX_BYTES, MAX_CHARS = 200_000, 100_000
 

@@ -172,7 +172,7 @@ def test_serve_config_v2_parses_with_ray() -> None:
 
     config = yaml.safe_load(find("base", "RayService")["spec"]["serveConfigV2"])
     schema = ServeDeploySchema.model_validate(config)
-    assert schema.applications[0].import_path == "elbert_stream.deployment:app"
+    assert schema.applications[0].import_path == "elbert_stream.serve.deployment:app"
 
 
 def test_serve_config_import_path_imports() -> None:
@@ -269,6 +269,6 @@ def test_dashboard_shows_the_load_and_uses_real_metric_names() -> None:
                    "elbert_consumer_lag", "elbert_busy_slots"):  # fmt: skip
         assert needed in used
     assert any("replicas" in e for e in exprs)
-    sources = [ROOT / "elbert_stream" / name for name in ("telemetry.py", "telemetry_summary.py")]
+    sources = sorted((ROOT / "elbert_stream" / "telemetry").glob("*.py"))
     defined = {m for src in sources for m in re.findall(r'"(elbert_\w+)"', src.read_text())}
     assert used <= defined, f"dashboard uses metrics the telemetry modules do not define: {used - defined}"

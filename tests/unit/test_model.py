@@ -11,8 +11,8 @@ import torch
 from tiny_elbert import LABELS, save_tiny_model_dir, tiny_model, tiny_tokenizer
 from transformers import AlbertForSequenceClassification
 
+from elbert_stream.engine.model import ElbertModel, load_tokenizer, shipped_model_dir
 from elbert_stream.errors import ModelLoadError
-from elbert_stream.model import ElbertModel, load_tokenizer, shipped_model_dir
 
 
 def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +89,7 @@ def test_save_in_float16_loads_as_float32_close(tmp_path) -> None:
 def test_albert_model_only_checkpoint_gets_classifier_with_warning(tmp_path, caplog) -> None:
     model = tiny_model(num_layers=2)
     model.hf_model.albert.save_pretrained(tmp_path)  # an AlbertModel: no classifier
-    with caplog.at_level(logging.WARNING, logger="elbert_stream.model"):
+    with caplog.at_level(logging.WARNING, logger="elbert_stream.engine.model"):
         loaded = ElbertModel.from_pretrained(tmp_path, label_names=["x", "y"])
     assert loaded.num_labels == 2 and loaded.label_names == ["x", "y"]
     warned = " ".join(r.getMessage() for r in caplog.records)
@@ -128,8 +128,8 @@ def test_shipped_model_is_an_ordinary_albert_dir_and_small() -> None:
 
 
 def test_shipped_model_full_depth_accuracy_on_test_slice() -> None:
-    from elbert_stream.data import load_bbc, read_split
-    from elbert_stream.scoring import all_depth_probs, depth_accuracy, encode
+    from elbert_stream.training.data import load_bbc, read_split
+    from elbert_stream.training.scoring import all_depth_probs, depth_accuracy, encode
 
     path = _shipped_or_skip()
     model, tok = ElbertModel.from_pretrained(path), load_tokenizer(path)

@@ -7,7 +7,7 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elbert_stream.offsets import OffsetTracker, TopicPartition
+from elbert_stream.stream.offsets import OffsetTracker, TopicPartition
 
 TP = TopicPartition("in", 0)
 

@@ -1,4 +1,4 @@
-"""The log redaction of secrets handed to kafka-python (elbert_stream.redact)."""
+"""The log redaction of secrets handed to kafka-python (elbert_stream.stream.redact)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import logging
 import pytest
 
 from elbert_stream.config import KafkaSettings
-from elbert_stream.kafka_io import client_config
-from elbert_stream.redact import MASK, register_secrets
+from elbert_stream.stream.client import client_config
+from elbert_stream.stream.redact import MASK, register_secrets
 
 
 def test_kafka_records_lose_registered_secrets_in_text_and_bytes(caplog: pytest.LogCaptureFixture) -> None:

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from elbert_stream.engine.scheduler import SlotScheduler
 from elbert_stream.errors import ConfigError, EngineFailure
-from elbert_stream.request import Request
-from elbert_stream.scheduler import SlotScheduler
+from elbert_stream.types import Request
 
 
 def req(n: int, rid: str | None = None) -> Request:
@@ -139,6 +139,6 @@ def test_errors() -> None:
 
 
 def test_scheduler_imports_no_torch() -> None:
-    code = "import sys, elbert_stream.scheduler; print('torch' in sys.modules)"
+    code = "import sys, elbert_stream.engine.scheduler; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from elbert_stream import kafka_io
 from elbert_stream.config import KafkaSettings, Settings
-from elbert_stream.kafka_io import KafkaSink, KafkaSource, client_config
-from elbert_stream.kafka_txn import TransactionalSink
-from elbert_stream.offsets import OffsetTracker
+from elbert_stream.stream import sink, source
+from elbert_stream.stream.client import client_config
+from elbert_stream.stream.offsets import OffsetTracker
+from elbert_stream.stream.sink import KafkaSink
+from elbert_stream.stream.source import KafkaSource
+from elbert_stream.stream.transactions import TransactionalSink
 
 SASL_PW, SSL_PW, OTLP = "s3cr3t-sasl-pw", "s3cr3t-key-pw", "authorization=Bearer s3cr3t-otlp"
 SECRETS = (SASL_PW, SSL_PW, "s3cr3t-otlp")
@@ -73,8 +75,8 @@ def secure_env(monkeypatch: pytest.MonkeyPatch) -> Settings:
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
     Recorder.built = []
-    monkeypatch.setattr(kafka_io, "KafkaConsumer", Consumer)
-    monkeypatch.setattr(kafka_io, "KafkaProducer", Producer)
+    monkeypatch.setattr(source, "KafkaConsumer", Consumer)
+    monkeypatch.setattr(sink, "KafkaProducer", Producer)
     return Recorder.built
 
 
@@ -122,15 +124,16 @@ def test_secrets_never_in_repr_dumps_logs_or_stats(secure_env: Settings, recorde
     from tiny_elbert import tiny_model
 
     from elbert_stream.config import EngineSettings
-    from elbert_stream.engine import Engine
-    from elbert_stream.exit_policy import ExitPolicy
-    from elbert_stream.worker import Worker
+    from elbert_stream.engine.engine import Engine
+    from elbert_stream.engine.policy import ExitPolicy
+    from elbert_stream.stream.worker import Worker
 
     caplog.set_level(logging.DEBUG)
     texts = [repr(secure_env), str(secure_env), secure_env.model_dump_json(), str(secure_env.model_dump()),
              repr(secure_env.kafka)]
     model = tiny_model()
-    engine = Engine(model, ExitPolicy("none", model.num_layers), EngineSettings(max_slots=4), max_length=32)
+    engine = Engine(model, ExitPolicy.of("none", model.num_layers), EngineSettings(max_slots=4),
+                    max_length=32)
     worker = Worker(secure_env, engine, None, replica_id="r")
     worker._open()  # builds source and sink from the settings, logs what it joins
     texts += [str(worker.stats()), caplog.text, repr(worker.settings)]

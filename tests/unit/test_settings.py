@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from elbert_stream import settings_doc
 from elbert_stream.config import Settings
+from tools import settings_doc
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 
@@ -19,7 +19,7 @@ def test_every_setting_has_a_description() -> None:
 
 def test_settings_doc_is_generated_from_the_code() -> None:
     assert DOC.read_text() == settings_doc.render(), (
-        "docs/settings.md is stale: python -m elbert_stream.settings_doc > docs/settings.md")
+        "docs/settings.md is stale: python -m tools.settings_doc > docs/settings.md")
 
 
 def test_nested_environment_variables_override_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

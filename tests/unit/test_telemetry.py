@@ -20,14 +20,14 @@ from pydantic import SecretStr
 
 from elbert_stream.config import TelemetrySettings
 from elbert_stream.errors import ConfigError, ElbertError
-from elbert_stream.request import Prediction
-from elbert_stream.telemetry import (
+from elbert_stream.telemetry.metrics import (
     LATENCY_BUCKETS_S,
     MAX_REASONS,
     StatsSnapshot,
     Telemetry,
     histogram_quantile,
 )
+from elbert_stream.types import Prediction
 
 L = 6
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"

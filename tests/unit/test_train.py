@@ -8,9 +8,16 @@ import pytest
 import torch
 from tiny_elbert import LABELS, save_tiny_model_dir, tiny_model, write_labelled_jsonl
 
+from elbert_stream.engine.model import ElbertModel, load_tokenizer
 from elbert_stream.errors import ConfigError
-from elbert_stream.model import ElbertModel, load_tokenizer
-from elbert_stream.train import RECIPES, TrainConfig, add_cli, config_from_args, elbert_loss, finish, train
+from elbert_stream.training.recipe import RECIPES, TrainConfig
+from elbert_stream.training.train import (
+    add_cli,
+    config_from_args,
+    elbert_loss,
+    finish,
+    train,
+)
 
 
 def test_depth_weights_formula() -> None:
@@ -26,7 +33,7 @@ def test_depth_weights_formula() -> None:
 
 
 def test_depth_logits_init_and_own_learning_rate() -> None:
-    from elbert_stream.train import make_optimizer
+    from elbert_stream.training.recipe import make_optimizer
 
     model = tiny_model(num_layers=5)
     assert model.depth_logits.tolist() == [4.0] * 4
@@ -119,7 +126,7 @@ def test_cli_flags_override_recipe_and_bad_init_is_a_config_error(tmp_path) -> N
 
 
 def test_sentencepiece_tokenizer_from_training_texts(tmp_path) -> None:
-    from elbert_stream.convert import train_sentencepiece
+    from elbert_stream.training.convert import train_sentencepiece
 
     texts = [
         f"the market for {w} shares rose {i} points" for i, w in enumerate(["film", "chip", "vote"] * 40)

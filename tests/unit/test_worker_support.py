@@ -6,11 +6,11 @@ import threading
 
 import pytest
 
-from elbert_stream.engine import EngineStats
 from elbert_stream.errors import BadMessage
-from elbert_stream.offsets import TopicPartition
-from elbert_stream.request import Prediction
-from elbert_stream.worker_support import LoopStats, SyncJob, tokenize_each
+from elbert_stream.stream.loop_stats import LoopStats
+from elbert_stream.stream.offsets import TopicPartition
+from elbert_stream.stream.sync_jobs import SyncJob, tokenize_each
+from elbert_stream.types import EngineStats, Prediction
 
 
 def fake_tokenize(texts: list[str]) -> list[list[int]]:
@@ -69,8 +69,8 @@ def test_loop_stats_rates_and_snapshot() -> None:
 def test_recent_exit_histogram_follows_a_policy_change() -> None:
     """The autoscaler's E[D] comes from the decayed histogram: after 2,000 depth-1 exits and then
     1,000 at depth 3, the cumulative mean is still 1.67 but the recent one is above 2.5."""
-    from elbert_stream.autoscaling import build_replica_report, mean_exit_depth
-    from elbert_stream.worker_support import RECENT_HALF_LIFE_MSGS
+    from elbert_stream.load import build_replica_report, mean_exit_depth
+    from elbert_stream.stream.loop_stats import RECENT_HALF_LIFE_MSGS
 
     loop = LoopStats(num_layers=3)
     loop.finished([_pred(i, 1) for i in range(2000)])

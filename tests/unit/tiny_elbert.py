@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AlbertConfig, BertTokenizer
 
-from elbert_stream.model import ElbertModel
+from elbert_stream.engine.model import ElbertModel
 
 LABELS = ["alpha", "beta", "gamma"]
 WORDS = ["market", "shares", "film", "music", "vote", "party", "goal", "match", "phone", "chip"]

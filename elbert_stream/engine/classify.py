@@ -1,0 +1,106 @@
+"""``elbert-stream classify``: texts from the arguments or stdin through the continuous-batching
+``Engine`` (the same engine a replica runs), printing each label, exit depth and per-depth trace.
+
+Stdin is read in chunks of ``--batch`` lines; each chunk runs through the engine's slots together and
+its results print in input order, so a pipe sees output as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from pydantic import ValidationError
+
+from elbert_stream.config import EngineSettings, ExitSettings
+from elbert_stream.engine.engine import Engine
+from elbert_stream.engine.model import ElbertModel, load_tokenizer
+from elbert_stream.engine.policy import POLICIES, ExitPolicy
+from elbert_stream.errors import BadMessage, ConfigError
+from elbert_stream.types import Prediction, Request
+
+THRESHOLD_FLAGS = ("policy", "tau", "window", "patience", "min_depth")
+DEFAULT_MAX_LENGTH = 128
+
+
+def classify_texts(engine: Engine, texts: list[str]) -> list[Prediction | BadMessage]:
+    """Every text through ``engine`` in one continuous batch; results in input order. A text the
+    engine cannot take (say, nothing left after tokenizing) is its ``BadMessage`` in its place."""
+    out: list[Prediction | BadMessage | None] = [None] * len(texts)
+
+    def finish(preds: list[Prediction]) -> None:
+        for pred in preds:
+            out[pred.meta] = pred
+
+    for i, (text, tokens) in enumerate(zip(texts, engine.tokenize(texts), strict=True)):
+        request = Request(tokens, text=text, meta=i)
+        try:
+            while not engine.add(request):  # queue full: step to free it
+                finish(engine.step())
+        except BadMessage as e:
+            out[i] = e
+    while engine.has_work():
+        finish(engine.step())
+    return [r for r in out if r is not None]
+
+
+def engine_for_cli(args: argparse.Namespace) -> Engine:
+    """The engine ``classify`` runs: the model dir, its saved exit defaults with the flags on top."""
+    model = ElbertModel.from_pretrained(args.model)
+    changes = {k: getattr(args, k) for k in THRESHOLD_FLAGS if getattr(args, k, None) is not None}
+    try:
+        settings = ExitSettings.model_validate({**model.extras.exit.model_dump(), **changes})
+    except ValidationError as e:
+        raise ConfigError(f"bad exit flags {changes}: {e.errors()[0]['msg']}") from e
+    policy = ExitPolicy.for_model(settings, model.num_layers)
+    slots = max(1, min(args.batch, 256))
+    return Engine(model, policy, EngineSettings(max_slots=slots, max_queue=max(slots, args.batch)),
+                  max_length=args.max_length or min(DEFAULT_MAX_LENGTH, model.max_positions),
+                  tokenizer=load_tokenizer(args.model))
+
+
+def _chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = (t for t in texts if t.strip())
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _classify(args: argparse.Namespace) -> int:
+    engine = engine_for_cli(args)
+    names = engine.model.label_names
+    texts: Iterable[str] = args.text or (line.rstrip("\n") for line in sys.stdin)
+    status = 0
+    for chunk in _chunks(texts, args.batch):
+        for text, result in zip(chunk, classify_texts(engine, chunk), strict=True):
+            if isinstance(result, BadMessage):
+                print(f"elbert-stream classify: {result.reason}: {result.detail}", file=sys.stderr)
+                status = 1
+            elif args.json:
+                print(json.dumps({**result.to_dict(), "text": text[:200]}), flush=True)
+            else:
+                steps = " ".join(f"{t.depth}:{names[t.label_index]}@{t.top_prob:.2f}" for t in result.trace)
+                print(f"{result.label}\texit_depth={result.exit_depth} ({result.exit_reason})\t{steps}",
+                      flush=True)
+    return status
+
+
+def add_cli(subparsers: Any) -> None:
+    c = subparsers.add_parser("classify", help="classify texts (args or one per stdin line) with early exit",
+                              description="Runs the texts through the continuous-batching engine; the exit "
+                                          "rule is the model's saved one unless a flag changes it.")
+    c.add_argument("text", nargs="*", help="texts; none = read one per stdin line")
+    c.add_argument("--model", help="model dir (default: the shipped BBC model)")
+    c.add_argument("--json", action="store_true", help="one JSON object per line")
+    c.add_argument("--max-length", type=int, default=None,
+                   help=f"truncation length in tokens (default {DEFAULT_MAX_LENGTH}, or the model's maximum)")
+    c.add_argument("--batch", type=int, default=64, help="stdin lines classified together (engine slots)")
+    c.add_argument("--policy", choices=POLICIES, help="default: the model's saved policy")
+    c.add_argument("--tau", type=float, help="normalised-entropy threshold in [0, 1]")
+    c.add_argument("--window", type=int, help="confidence window length in depths")
+    c.add_argument("--patience", type=int, help="PABEE patience")
+    c.add_argument("--min-depth", type=int, help="no exit before this depth")
+    c.set_defaults(func=_classify)

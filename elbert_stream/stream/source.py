@@ -1,0 +1,217 @@
+"""Kafka source (kafka-python) with commit-after-delivery.
+
+``KafkaSource`` is a consumer-group member with auto-commit off: it tracks every polled offset in an
+``OffsetTracker`` and commits (``commit``, on the loop thread only) the offsets it is given: the
+contiguous run whose results the broker acknowledged. When to commit is the worker's ``CommitCadence``
+(``offsets.py``); what is committed with the outputs under exactly_once is ``transactions.py``'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from kafka import KafkaConsumer
+from kafka import TopicPartition as KTopicPartition
+from kafka import errors as kerrors
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener, TopicPartitionState
+from kafka.structs import OffsetAndMetadata
+
+from elbert_stream.config import KafkaSettings
+from elbert_stream.stream.client import client_config, explain_bootstrap
+from elbert_stream.stream.offsets import OffsetTracker, TopicPartition
+from elbert_stream.stream.records import InputMessage
+
+log = logging.getLogger(__name__)
+COMMIT_TIMEOUT_MS = 5000  # a commit blocks the loop thread at most this long; it is retried next interval
+
+
+class _Rebalance(AsyncConsumerRebalanceListener):
+    """kafka-python 3 runs rebalance listeners on its IO thread (a blocking ``consumer.commit()``
+    there raises), so this one is async and awaits the coordinator's commit coroutine."""
+
+    def __init__(self, source: KafkaSource) -> None:
+        self.source = source
+
+    async def on_partitions_revoked(self, revoked: set[KTopicPartition]) -> None:
+        await self.source._on_revoked(revoked, commit=True)
+
+    async def on_partitions_lost(self, lost: set[KTopicPartition]) -> None:
+        await self.source._on_revoked(lost, commit=False)  # evicted: a commit cannot succeed
+
+    async def on_partitions_assigned(self, assigned: set[KTopicPartition]) -> None:
+        self.source._on_assigned(assigned)
+
+
+class KafkaSource:
+    """Consumer-group member over ``settings.input_topics``. Not thread-safe: every method runs on
+    the worker's loop thread (kafka-python's consumer is single-threaded).
+
+    ``on_revoke(tps)`` is called (on the consumer's IO thread, by the rebalance listener) after the
+    revoked partitions' finished offsets were committed and before they are forgotten; the worker
+    records them there and drops their buffered work on its own thread.
+
+    ``transactional=True`` (``exactly_once``): offsets are committed with the outputs, in the sink's
+    transactions, so the revoke listener commits nothing, and a partition given back to this member is
+    read again from the group's committed offset (the results finished since then were only held,
+    and were dropped on revoke). Otherwise from its oldest unacknowledged offset.
+    """
+
+    def __init__(self, settings: KafkaSettings, tracker: OffsetTracker, *, client_id: str = "elbert-stream",
+                 on_revoke: Callable[[set[TopicPartition]], None] | None = None,
+                 isolation_level: str = "read_committed", transactional: bool = False) -> None:
+        self.settings = settings
+        self.tracker = tracker
+        self.on_revoke = on_revoke
+        self.transactional = transactional
+        self.paused = False
+        self.num_commits = 0
+        self.num_commit_failures = 0
+        self.num_revocations = 0  # rebalances that took partitions away (revoked or lost)
+        self._reread: dict[TopicPartition, int | None] = {}  # revoked -> where to read again (None: commit)
+        with explain_bootstrap(settings, "consumer"):
+            self.consumer = KafkaConsumer(
+                **client_config(settings), client_id=client_id, group_id=settings.group_id,
+                group_instance_id=settings.group_instance_id, enable_auto_commit=False,
+                auto_offset_reset=settings.auto_offset_reset, session_timeout_ms=settings.session_timeout_ms,
+                heartbeat_interval_ms=settings.heartbeat_interval_ms,
+                max_poll_records=settings.max_poll_records, isolation_level=isolation_level,
+                fetch_max_bytes=settings.fetch_max_bytes,
+                max_partition_fetch_bytes=min(settings.fetch_max_bytes, 1024 * 1024),
+            )
+        self.consumer.subscribe(settings.input_topics, listener=_Rebalance(self))
+
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputMessage]:
+        """Fetch records, track their offsets, return them in partition/offset order."""
+        batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records, update_offsets=True)
+        now = time.monotonic()
+        out: list[InputMessage] = []
+        for ktp, records in batches.items():
+            tp = TopicPartition(ktp.topic, ktp.partition)
+            for r in records:
+                epoch = self.tracker.track(tp, r.offset)
+                if epoch is None:
+                    log.warning("skipping re-delivered %s[%d]@%d", tp.topic, tp.partition, r.offset)
+                    continue
+                out.append(InputMessage(
+                    topic=tp.topic, partition=tp.partition, offset=r.offset, key=r.key, value=r.value,
+                    headers=[(k, v) for k, v in (r.headers or [])],
+                    timestamp_ms=-1 if r.timestamp is None else r.timestamp, epoch=epoch, polled_s=now,
+                ))
+        return out
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(t.topic, t.partition) for t in self.consumer.assignment()}
+
+    def pause(self) -> None:
+        """Stop fetching from every assigned partition (and from ones assigned later) until resume."""
+        if not self.paused:
+            self.consumer.pause(*self.consumer.assignment())
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self.consumer.resume(*self.consumer.paused())
+            self.paused = False
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Commit ``offsets`` as the group's offsets; returns them, or {} when the commit failed (logged,
+        counted; the same offsets are committed again next time)."""
+        if not offsets:
+            return {}
+        try:
+            self.consumer.commit({KTopicPartition(*tp): OffsetAndMetadata(off, "", -1)
+                                  for tp, off in offsets.items()}, timeout_ms=COMMIT_TIMEOUT_MS)
+        except (kerrors.CommitFailedError, kerrors.KafkaError) as e:
+            self.num_commit_failures += 1
+            log.warning("commit of %s failed (will retry next interval): %r", _fmt(offsets), e)
+            return {}
+        self.tracker.mark_committed(offsets)
+        self.num_commits += 1
+        log.debug("committed %s", _fmt(offsets))
+        return offsets
+
+    async def _on_revoked(self, revoked: set[KTopicPartition], *, commit: bool) -> None:
+        """On the consumer's IO thread: commit the revoked partitions' finished offsets (unless the
+        member was evicted), forget them, and tell the worker (``on_revoke``, which must only record
+        the set: the loop thread applies it after ``poll`` returns)."""
+        tps = {TopicPartition(t.topic, t.partition) for t in revoked}
+        self.num_revocations += bool(tps)
+        ready = {tp: off for tp, off in self.tracker.committable().items() if tp in tps}
+        if commit and ready and not self.transactional:
+            offsets = {KTopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in ready.items()}
+            try:  # kafka-python 3.0's coroutine behind commit(); the public one blocks on this thread
+                coordinator = self.consumer._coordinator
+                await coordinator._commit_offsets_sync_async(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
+                self.tracker.mark_committed(ready)
+                self.num_commits += 1
+            except Exception as e:  # noqa: BLE001 - the new owner re-reads from the last commit
+                self.num_commit_failures += 1
+                log.warning("commit of %s on revoke failed: %r", _fmt(ready), e)
+        if self.on_revoke is not None:
+            self.on_revoke(tps)
+        # the worker drops unfinished work of revoked partitions; if this member gets one back,
+        # kafka-python keeps its fetch position past that work: remember where to read again
+        if self.transactional:  # held results were dropped too: everything since the last commit
+            self._reread.update(dict.fromkeys(tps))
+        else:
+            self._reread.update(self.tracker.first_pending(tps))
+        self.tracker.forget(tps)
+        log.info("partitions %s: %s", "revoked" if commit else "lost", sorted(tps))
+
+    def _on_assigned(self, assigned: set[KTopicPartition]) -> None:
+        reread, self._reread = self._reread, {}
+        for ktp in assigned:
+            tp = TopicPartition(ktp.topic, ktp.partition)
+            if tp not in reread:
+                continue
+            offset = reread[tp]  # back to the same member: read the dropped work again
+            if offset is None:
+                _read_from_committed(self.consumer, ktp)
+            else:
+                self.consumer.seek(ktp, offset)
+            log.info("%s[%d]: re-assigned with dropped work; reading again from %s", ktp.topic, ktp.partition,
+                     "the committed offset" if offset is None else offset)
+        if self.paused and assigned:
+            self.consumer.pause(*assigned)
+        log.info("partitions assigned: %s", sorted((t.topic, t.partition) for t in assigned))
+
+    def lag(self) -> dict[TopicPartition, int | None]:
+        """{tp: high watermark - position} per assigned partition, from the high watermark the last
+        fetch response carried (no network call); None until a fetch answered. ListOffsets
+        (``end_offsets``) is not used: Tansu 0.6 answers it with the last batch's base offset + 1,
+        which is wrong whenever that batch holds more than one record. Stale while paused."""
+        out: dict[TopicPartition, int | None] = {}
+        for ktp in self.consumer.assignment():
+            high = self.consumer.highwater(ktp)
+            try:
+                pos = self.consumer.position(ktp, timeout_ms=0)
+            except kerrors.KafkaError:
+                pos = None
+            ok = high is not None and pos is not None and high >= pos
+            out[TopicPartition(ktp.topic, ktp.partition)] = high - pos if ok else None
+        return out
+
+    def close(self, timeout_ms: int = 5000) -> None:
+        """Close without LeaveGroup when static membership is on (``group_instance_id`` set): the
+        partitions stay ours until the session times out, or until the same instance id rejoins."""
+        self.consumer.close(autocommit=False, timeout_ms=timeout_ms)
+
+
+def _read_from_committed(consumer: KafkaConsumer, ktp: KTopicPartition) -> None:
+    """Give an assigned partition a fresh fetch state (paused flag kept), as kafka-python does for a
+    newly assigned one: its next poll fetches the group's committed offset first (stable offsets
+    under ``read_committed``). Runs in the assignment listener, before any fetch of the new
+    generation; buffered fetches for the old position are discarded (no valid position)."""
+    subs = consumer._subscription  # kafka-python 3.0 internals: no public "seek to committed"
+    with subs._lock:
+        old = subs.assignment.get(ktp)
+        if old is not None:
+            fresh = TopicPartitionState()
+            fresh.paused = old.paused
+            subs.assignment[ktp] = fresh
+
+
+def _fmt(offsets: dict[TopicPartition, int]) -> str:
+    return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items()))

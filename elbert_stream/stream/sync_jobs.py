@@ -1,0 +1,77 @@
+"""Requests that do not come from Kafka (``Worker.classify``'s synchronous jobs) and batch tokenizing
+with per-text errors. No Kafka client and no torch here."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from elbert_stream.errors import BadMessage
+from elbert_stream.types import Prediction
+
+
+@dataclass
+class SyncJob:
+    """Texts submitted by ``Worker.classify``; the loop thread fills ``results`` or fails it."""
+
+    texts: list[str]
+    results: list[Prediction | None] = field(default_factory=list)
+    error: BaseException | None = None
+    _left: int = 0
+    _done: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.texts)
+        self._left = len(self.texts)
+
+    def set(self, index: int, pred: Prediction) -> None:
+        with self._lock:
+            if self.results[index] is None:
+                self.results[index] = pred
+                self._left -= 1
+            if self._left == 0:
+                self._done.set()
+
+    def fail(self, error: BaseException, index: int | None) -> None:
+        with self._lock:
+            if self.error is None:
+                if isinstance(error, BadMessage) and index is not None:
+                    error = BadMessage(error.reason, f"text {index}: {error.detail}")
+                self.error = error
+            self._done.set()
+
+    def wait(self, timeout_s: float) -> list[Prediction]:
+        if not self._done.wait(timeout_s):
+            self.fail(TimeoutError(f"classify of {len(self.texts)} texts took over {timeout_s}s"), None)
+        if self.error is not None:
+            raise self.error
+        return [p for p in self.results if p is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRef:
+    """``Request.meta`` of a synchronous (not Kafka-backed) request."""
+
+    job: SyncJob
+    index: int
+
+
+def tokenize_each(tokenize: Callable[[list[str]], list[list[int]]],
+                  texts: list[str]) -> list[list[int] | BadMessage]:
+    """Tokenize as one batch; when the batch fails, text by text, so one bad text fails alone
+    (as a ``tokenizer_error`` BadMessage in its place)."""
+    if not texts:
+        return []
+    try:
+        return list(tokenize(texts))
+    except Exception:  # noqa: BLE001 - find the culprit below
+        pass
+    out: list[list[int] | BadMessage] = []
+    for text in texts:
+        try:
+            out.append(list(tokenize([text])[0]))
+        except Exception as e:  # noqa: BLE001 - tokenizers raise many kinds
+            out.append(BadMessage("tokenizer_error", f"{type(e).__name__}: {e}"[:300]))
+    return out

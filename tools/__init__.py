@@ -1,0 +1,1 @@
+"""tools/: repository maintenance scripts (``python -m tools.settings_doc > docs/settings.md``)."""
