@@ -15,11 +15,12 @@ from collections.abc import Callable
 from kafka import KafkaConsumer
 from kafka import TopicPartition as KTopicPartition
 from kafka import errors as kerrors
-from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener, TopicPartitionState
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
 from elbert_stream.config import KafkaSettings
 from elbert_stream.stream.client import client_config, explain_bootstrap
+from elbert_stream.stream.kafka_internals import commit_offsets_on_io_thread, refetch_from_committed
 from elbert_stream.stream.offsets import OffsetTracker, TopicPartition
 from elbert_stream.stream.records import InputMessage
 
@@ -141,9 +142,8 @@ class KafkaSource:
         ready = {tp: off for tp, off in self.tracker.committable().items() if tp in tps}
         if commit and ready and not self.transactional:
             offsets = {KTopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in ready.items()}
-            try:  # kafka-python 3.0's coroutine behind commit(); the public one blocks on this thread
-                coordinator = self.consumer._coordinator
-                await coordinator._commit_offsets_sync_async(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
+            try:  # the public commit() blocks, and raises on this thread
+                await commit_offsets_on_io_thread(self.consumer, offsets, COMMIT_TIMEOUT_MS)
                 self.tracker.mark_committed(ready)
                 self.num_commits += 1
             except Exception as e:  # noqa: BLE001 - the new owner re-reads from the last commit
@@ -168,7 +168,7 @@ class KafkaSource:
                 continue
             offset = reread[tp]  # back to the same member: read the dropped work again
             if offset is None:
-                _read_from_committed(self.consumer, ktp)
+                refetch_from_committed(self.consumer, ktp)
             else:
                 self.consumer.seek(ktp, offset)
             log.info("%s[%d]: re-assigned with dropped work; reading again from %s", ktp.topic, ktp.partition,
@@ -197,20 +197,6 @@ class KafkaSource:
         """Close without LeaveGroup when static membership is on (``group_instance_id`` set): the
         partitions stay ours until the session times out, or until the same instance id rejoins."""
         self.consumer.close(autocommit=False, timeout_ms=timeout_ms)
-
-
-def _read_from_committed(consumer: KafkaConsumer, ktp: KTopicPartition) -> None:
-    """Give an assigned partition a fresh fetch state (paused flag kept), as kafka-python does for a
-    newly assigned one: its next poll fetches the group's committed offset first (stable offsets
-    under ``read_committed``). Runs in the assignment listener, before any fetch of the new
-    generation; buffered fetches for the old position are discarded (no valid position)."""
-    subs = consumer._subscription  # kafka-python 3.0 internals: no public "seek to committed"
-    with subs._lock:
-        old = subs.assignment.get(ktp)
-        if old is not None:
-            fresh = TopicPartitionState()
-            fresh.paused = old.paused
-            subs.assignment[ktp] = fresh
 
 
 def _fmt(offsets: dict[TopicPartition, int]) -> str:

