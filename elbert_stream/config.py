@@ -30,8 +30,9 @@ class ExitSettings(BaseModel):
     ``reconfigure``'s ``exit`` section, the defaults saved with a model as ``config.elbert.exit``, the
     engine's ``ExitPolicy``). ``None`` takes the model's saved value (``over``)."""
 
-    policy: PolicyName = Field(
-        "confidence_window", description="confidence_window (ELBERT), entropy, patience (PABEE) or none"
+    policy: PolicyName | None = Field(
+        None, description="confidence_window (ELBERT), entropy, patience (PABEE) or none; unset = the "
+        "model's saved policy (the shipped model's: confidence_window)"
     )
     tau: float | None = Field(None, ge=0.0, le=1.0, description="normalised-entropy threshold (stage 1)")
     window: int | None = Field(None, ge=1, description="confidence window length in depths (stage 2)")
@@ -40,17 +41,18 @@ class ExitSettings(BaseModel):
     min_depth: int | None = Field(None, ge=1, description="no exit before this depth")
 
     def over(self, defaults: ExitSettings) -> ExitSettings:
-        """These settings with every ``None`` threshold taken from ``defaults``."""
+        """These settings with every ``None`` field taken from ``defaults``."""
         mine = {k: v for k, v in self.model_dump().items() if v is not None}
         return ExitSettings.model_validate({**defaults.model_dump(), **mine})
 
     def unset(self) -> list[str]:
-        """Names of the thresholds left to a model's defaults."""
+        """Names of the fields left to a model's defaults."""
         return [k for k, v in self.model_dump().items() if v is None]
 
 
 # a model's exit defaults when its config has no (or a partial) ``elbert.exit`` block
-MODEL_EXIT_DEFAULTS = ExitSettings(tau=0.1, window=3, patience=3, require_rising=False, min_depth=1)
+MODEL_EXIT_DEFAULTS = ExitSettings(policy="confidence_window", tau=0.1, window=3, patience=3,
+                                   require_rising=False, min_depth=1)
 
 
 class EngineSettings(BaseModel):

@@ -16,15 +16,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from elbert_stream.config import EngineSettings, ExitSettings
+from elbert_stream.config import ExitSettings, Settings
 from elbert_stream.engine.engine import Engine
-from elbert_stream.engine.model import ElbertModel, load_tokenizer
-from elbert_stream.engine.policy import POLICIES, ExitPolicy
+from elbert_stream.engine.model import ElbertModel
+from elbert_stream.engine.policy import POLICIES
 from elbert_stream.errors import BadMessage, ConfigError
 from elbert_stream.types import Prediction, Request
 
 THRESHOLD_FLAGS = ("policy", "tau", "window", "patience", "min_depth")
-DEFAULT_MAX_LENGTH = 128
 
 
 def classify_texts(engine: Engine, texts: list[str]) -> list[Prediction | BadMessage]:
@@ -49,18 +48,25 @@ def classify_texts(engine: Engine, texts: list[str]) -> list[Prediction | BadMes
 
 
 def engine_for_cli(args: argparse.Namespace) -> Engine:
-    """The engine ``classify`` runs: the model dir, its saved exit defaults with the flags on top."""
-    model = ElbertModel.from_pretrained(args.model)
+    """The engine ``classify`` runs: the same ``Settings`` as every command (``ELBERT_MODEL__PATH``,
+    ``ELBERT_EXIT__*``, ...) with the flags on top; unset exit fields take the model's saved ones."""
+    settings = Settings()
+    if args.model:
+        settings.model.path = args.model
     changes = {k: getattr(args, k) for k in THRESHOLD_FLAGS if getattr(args, k, None) is not None}
     try:
-        settings = ExitSettings.model_validate({**model.extras.exit.model_dump(), **changes})
+        settings.exit = ExitSettings.model_validate({**settings.exit.model_dump(), **changes})
     except ValidationError as e:
         raise ConfigError(f"bad exit flags {changes}: {e.errors()[0]['msg']}") from e
-    policy = ExitPolicy.for_model(settings, model.num_layers)
-    slots = max(1, min(args.batch, 256))
-    return Engine(model, policy, EngineSettings(max_slots=slots, max_queue=max(slots, args.batch)),
-                  max_length=args.max_length or min(DEFAULT_MAX_LENGTH, model.max_positions),
-                  tokenizer=load_tokenizer(args.model))
+    if args.max_length:
+        settings.model.max_length = args.max_length
+    elif "max_length" not in settings.model.model_fields_set:  # the default, for a model with fewer positions
+        settings.model.max_length = min(settings.model.max_length, _max_positions(settings.model.path))
+    return Engine.from_settings(settings)
+
+
+def _max_positions(path: str | None) -> int:
+    return ElbertModel.config_of(path).max_position_embeddings
 
 
 def _chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -93,10 +99,11 @@ def add_cli(subparsers: Any) -> None:
                               description="Runs the texts through the continuous-batching engine; the exit "
                                           "rule is the model's saved one unless a flag changes it.")
     c.add_argument("text", nargs="*", help="texts; none = read one per stdin line")
-    c.add_argument("--model", help="model dir (default: the shipped BBC model)")
+    c.add_argument("--model", help="model dir (default: ELBERT_MODEL__PATH, else the shipped BBC model)")
     c.add_argument("--json", action="store_true", help="one JSON object per line")
     c.add_argument("--max-length", type=int, default=None,
-                   help=f"truncation length in tokens (default {DEFAULT_MAX_LENGTH}, or the model's maximum)")
+                   help="truncation length in tokens (default: ELBERT_MODEL__MAX_LENGTH, else 128 or the "
+                        "model's maximum positions if fewer)")
     c.add_argument("--batch", type=int, default=64, help="stdin lines classified together (engine slots)")
     c.add_argument("--policy", choices=POLICIES, help="default: the model's saved policy")
     c.add_argument("--tau", type=float, help="normalised-entropy threshold in [0, 1]")

@@ -206,6 +206,17 @@ class ElbertModel(nn.Module):
             tokenizer.save_pretrained(path)
         return path
 
+    @staticmethod
+    def config_of(path: str | Path | None = None) -> AlbertConfig:
+        """The ALBERT config of a checkpoint dir (None = the shipped model); ModelLoadError if none."""
+        path = Path(path) if path is not None else shipped_model_dir()
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"no config.json in model dir {str(path)!r}")
+        try:
+            return AlbertConfig.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+            raise ModelLoadError(f"cannot read ALBERT config from {str(path)!r}: {e}") from e
+
     @classmethod
     def from_pretrained(
         cls,
@@ -221,12 +232,7 @@ class ElbertModel(nn.Module):
         with a warning naming it; ``label_names`` then sets K and the label names.
         """
         path = Path(path) if path is not None else shipped_model_dir()
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"no config.json in model dir {str(path)!r}")
-        try:
-            config = AlbertConfig.from_pretrained(path, local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-            raise ModelLoadError(f"cannot read ALBERT config from {str(path)!r}: {e}") from e
+        config = cls.config_of(path)
         if label_names is not None:
             config.num_labels = len(label_names)
             config.id2label = dict(enumerate(label_names))

@@ -130,7 +130,7 @@ class ExitPolicy:
 
     @property
     def name(self) -> str:
-        return self.settings.policy
+        return str(self.settings.policy)
 
     @property
     def tau(self) -> float:

@@ -102,6 +102,18 @@ def test_classify_refuses_bad_exit_flags_with_a_message(tiny_dir, capsys) -> Non
     assert "ConfigError" in err and "tau" in err
 
 
+def test_classify_reads_the_model_path_from_settings(tiny_dir, tmp_path, capsys, monkeypatch) -> None:
+    """Every command reads the same Settings: ELBERT_MODEL__PATH picks the model; a path that does
+    not exist is refused, never answered by the shipped model."""
+    monkeypatch.setenv("ELBERT_MODEL__PATH", str(tiny_dir))
+    assert main(["classify", "--json", "market shares"]) == 0
+    assert json.loads(capsys.readouterr().out)["label"] in LABELS  # the tiny model's labels, not BBC's
+    monkeypatch.setenv("ELBERT_MODEL__PATH", str(tmp_path / "missing"))
+    assert main(["classify", "market shares"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "ModelLoadError" in captured.err and "missing" in captured.err
+
+
 def test_text_output_names_label_and_depth(tiny_dir, capsys) -> None:
     assert main(["classify", "--model", str(tiny_dir), "market shares"]) == 0
     out = capsys.readouterr().out
