@@ -36,6 +36,13 @@ from elbert_stream.engine.model import normalised_entropy
 from elbert_stream.errors import ConfigError
 
 POLICIES = ("confidence_window", "entropy", "patience", "none")
+# the thresholds each rule reads (the others are carried but ignored)
+USES: dict[str, tuple[str, ...]] = {
+    "confidence_window": ("tau", "window", "require_rising", "min_depth"),
+    "entropy": ("tau", "min_depth"),
+    "patience": ("patience", "min_depth"),
+    "none": (),
+}
 
 # reason codes, kept as small ints on the device; names in REASON_NAMES
 NO_EXIT, EXIT_ENTROPY, EXIT_WINDOW, EXIT_PATIENCE, EXIT_MAX_DEPTH = 0, 1, 2, 3, 4
@@ -157,6 +164,10 @@ class ExitPolicy:
 
     def describe(self) -> dict[str, Any]:
         return self.settings.model_dump()
+
+    def thresholds(self) -> dict[str, Any]:
+        """Only the thresholds this rule reads (``USES``), for reports."""
+        return {k: getattr(self.settings, k) for k in USES[self.name]}
 
     def decide(self, probs: torch.Tensor, depth: torch.Tensor, state: ExitState) -> ExitDecision:
         """probs ``[B, K]`` at each row's ``depth`` ``[B]`` (1-based), state for those rows."""

@@ -122,7 +122,7 @@ def evaluate_policies(
         s = score_policy(policy, *test)
         grid = [score_policy(p, *test) for p in policy_grid(name, model.num_layers)]
         out[name] = {
-            "thresholds": {k: v for k, v in policy.describe().items() if k != "policy"},
+            "thresholds": policy.thresholds(),
             "val_accuracy": val_score.accuracy,
             "val_mean_exit_depth": val_score.mean_exit_depth,
             "accuracy": s.accuracy,

@@ -29,7 +29,7 @@ def _tradeoff_rows(model: ElbertModel, probs: dict[str, tuple[torch.Tensor, torc
             d, val_score = choose_exit_defaults(*probs["val"], max_loss_points=budget, policy=name)
             policy = ExitPolicy.for_model(d, model.num_layers)
             s = score_policy(policy, *probs["test"])
-            params = {k: v for k, v in policy.describe().items() if k != "policy"}
+            params = policy.thresholds()
             rows.append(
                 f"| {name} | {budget} pt | `{params}` | {val_score.accuracy * 100:.1f} | "
                 f"{s.accuracy * 100:.1f} | {s.mean_exit_depth:.2f} | {s.speedup:.2f}x |"

@@ -15,6 +15,8 @@ from elbert_stream.engine.policy import (
     EXIT_PATIENCE,
     EXIT_WINDOW,
     NO_EXIT,
+    POLICIES,
+    USES,
     ExitPolicy,
     ExitState,
     exit_depths_offline,
@@ -162,3 +164,18 @@ def test_stricter_thresholds_never_exit_earlier(
     d_loose, _ = exit_depths_offline(loose, probs)
     d_strict, _ = exit_depths_offline(strict, probs)
     assert (d_strict >= d_loose).all()
+
+
+def test_thresholds_name_only_what_the_rule_reads() -> None:
+    """Changing a threshold a rule does not list in USES never changes its exits."""
+    probs = torch.tensor([[UNSURE, SURE], [SURE, UNSURE], [UNSURE, UNSURE], [SURE, SURE]])  # [L=4, N=2, K]
+    changes = {"tau": 0.9, "window": 1, "patience": 1, "require_rising": True, "min_depth": 2}
+    for name in POLICIES:
+        base = ExitPolicy.of(name, 4, tau=0.05, window=3, patience=3, require_rising=False, min_depth=1)
+        assert set(base.thresholds()) == set(USES[name])
+        for key, value in changes.items():
+            if key in USES[name]:
+                continue
+            d0, _ = exit_depths_offline(base, probs)
+            d1, _ = exit_depths_offline(base.with_params(**{key: value}), probs)
+            assert torch.equal(d0, d1), (name, key)
