@@ -18,6 +18,7 @@ Nothing here touches the network (``local_files_only=True``).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -93,7 +94,7 @@ class ElbertModel(nn.Module):
         if hf is None:
             config._attn_implementation = "sdpa"
             hf = AlbertForSequenceClassification(config)
-        self.config = config
+        self.config = config = hf.config  # ONE config (transformers may load a copy): what save writes
         self.extras = ElbertExtras.from_config(config)
         albert = hf.albert
         self.embeddings: nn.Module = albert.embeddings
@@ -213,9 +214,14 @@ class ElbertModel(nn.Module):
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"no config.json in model dir {str(path)!r}")
         try:
-            return AlbertConfig.from_pretrained(path, local_files_only=True)
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+            config = AlbertConfig.from_pretrained(path, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds
             raise ModelLoadError(f"cannot read ALBERT config from {str(path)!r}: {e}") from e
+        if model_type != "albert":
+            raise ModelLoadError(f"{str(path)!r} holds a {model_type!r} checkpoint; elbert-stream runs "
+                                 "ALBERT checkpoints (model_type 'albert', the albert-base-v2 layout)")
+        return config
 
     @classmethod
     def from_pretrained(
@@ -223,17 +229,26 @@ class ElbertModel(nn.Module):
         path: str | Path | None = None,
         *,
         label_names: list[str] | None = None,
+        new_head: bool = False,
+        allow_missing_head: bool = False,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> ElbertModel:
         """Load any ALBERT checkpoint dir (None = the shipped BBC model).
 
-        A checkpoint without a classifier (plain ``AlbertModel``) gets a freshly initialised one,
-        with a warning naming it; ``label_names`` then sets K and the label names.
+        Serving needs a trained classifier: a checkpoint without one (a plain ``AlbertModel``) is
+        refused unless ``allow_missing_head`` (training), which initialises a fresh one with a warning;
+        ``label_names`` then sets K and the label names. A head trained for other labels than
+        ``label_names`` is refused unless ``new_head``, which replaces it with a fresh one.
         """
         path = Path(path) if path is not None else shipped_model_dir()
         config = cls.config_of(path)
         if label_names is not None:
+            saved = [v for _, v in sorted((config.id2label or {}).items(), key=lambda kv: int(kv[0]))]
+            if saved and saved != list(label_names) and not new_head and _has_head(path):
+                raise ModelLoadError(f"the classifier in {str(path)!r} predicts {saved}, the data has "
+                                     f"{list(label_names)}; train a fresh head (--new-head) or use "
+                                     "data with the checkpoint's labels")
             config.num_labels = len(label_names)
             config.id2label = dict(enumerate(label_names))
             config.label2id = {n: i for i, n in enumerate(label_names)}
@@ -245,7 +260,7 @@ class ElbertModel(nn.Module):
         try:
             loaded: Any = AlbertForSequenceClassification.from_pretrained(
                 path, config=config, local_files_only=True, attn_implementation="sdpa",
-                output_loading_info=True, dtype=torch.float32,
+                output_loading_info=True, dtype=torch.float32, ignore_mismatched_sizes=new_head,
             )
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"cannot load ALBERT weights from {str(path)!r}: {e}") from e
@@ -257,9 +272,15 @@ class ElbertModel(nn.Module):
         missing = [k for k in info.get("missing_keys", [])
                    if not k.startswith("albert.embeddings.position_ids")]
         head_missing = [k for k in missing if k.startswith("classifier")]
-        if head_missing:
-            log.warning("checkpoint %s has no classifier (%s): initialised at random; fine-tune it",
-                        path, ", ".join(sorted(head_missing)))
+        if head_missing and not (new_head or allow_missing_head):
+            absent = ", ".join(sorted(head_missing))
+            raise ModelLoadError(f"checkpoint {str(path)!r} has no classifier ({absent}): it cannot "
+                                 "classify; fine-tune it first: elbert-stream train --init DIR --data ...")
+        if new_head or head_missing:
+            hf.classifier.weight.data.normal_(0.0, config.initializer_range)
+            hf.classifier.bias.data.zero_()
+            log.warning("checkpoint %s: classifier %s, initialised at random for %d labels; fine-tune it",
+                        path, "absent" if head_missing else "replaced", config.num_labels)
         other = [k for k in missing if not k.startswith("classifier")]
         if other:
             raise ModelLoadError(f"checkpoint {str(path)!r} lacks weights: {sorted(other)[:8]}")
@@ -291,9 +312,29 @@ def shipped_model_dir() -> Path:
     return path
 
 
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.txt", "sentencepiece.bpe.model")
+
+
+def _has_head(path: Path) -> bool:
+    """Whether the checkpoint's weights include a classifier (safetensors header or torch state)."""
+    from safetensors import safe_open
+
+    for weights in sorted(path.glob("*.safetensors")):
+        with safe_open(str(weights), "pt") as f:
+            if any(k.startswith("classifier.") for k in f.keys()):  # noqa: SIM118 - not a dict
+                return True
+    return False
+
+
 def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer saved beside a checkpoint (None = the shipped model's). Never downloads."""
+    """The tokenizer saved beside a checkpoint (None = the shipped model's). Never downloads. A dir
+    without tokenizer files is refused (transformers would build an empty tokenizer: every word
+    ``<unk>``)."""
     path = Path(path) if path is not None else shipped_model_dir()
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"no tokenizer files in {str(path)!r} (one of {', '.join(TOKENIZER_FILES)}); "
+                             "save the tokenizer the model was trained with beside it "
+                             "(tokenizer.save_pretrained(DIR))")
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001

@@ -58,6 +58,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.06
     trim_vocab: bool = False
+    new_head: bool = False  # --init DIR: a fresh classifier (no head, or one for other labels)
     save_dtype: str = "float16"
     max_loss_points: float = 0.5
     threads: int | None = None
@@ -122,7 +123,8 @@ def init_model(
         config.elbert = {"pooling": cfg.pooling}
         model = ElbertModel(config)
     elif Path(cfg.init).is_dir():
-        model = ElbertModel.from_pretrained(cfg.init, label_names=names)
+        model = ElbertModel.from_pretrained(cfg.init, label_names=names, new_head=cfg.new_head,
+                                            allow_missing_head=True)
         model.extras.pooling = cfg.pooling  # type: ignore[assignment]
         tok = load_tokenizer(cfg.tokenizer or cfg.init)
     else:

@@ -86,15 +86,53 @@ def test_save_in_float16_loads_as_float32_close(tmp_path) -> None:
         torch.testing.assert_close(loaded(ids, mask), model(ids, mask), atol=2e-2, rtol=0)
 
 
-def test_albert_model_only_checkpoint_gets_classifier_with_warning(tmp_path, caplog) -> None:
+def test_albert_model_only_checkpoint_is_refused_for_serving_and_gets_a_head_for_training(tmp_path,
+                                                                                          caplog) -> None:
     model = tiny_model(num_layers=2)
     model.hf_model.albert.save_pretrained(tmp_path)  # an AlbertModel: no classifier
+    with pytest.raises(ModelLoadError, match="no classifier .*classifier.weight.*elbert-stream train"):
+        ElbertModel.from_pretrained(tmp_path)  # serving it would answer with a random head
     with caplog.at_level(logging.WARNING, logger="elbert_stream.engine.model"):
-        loaded = ElbertModel.from_pretrained(tmp_path, label_names=["x", "y"])
+        loaded = ElbertModel.from_pretrained(tmp_path, label_names=["x", "y"], allow_missing_head=True)
     assert loaded.num_labels == 2 and loaded.label_names == ["x", "y"]
     warned = " ".join(r.getMessage() for r in caplog.records)
-    assert "classifier.weight" in warned and "no classifier" in warned
+    assert "classifier absent" in warned and "fine-tune" in warned
     torch.testing.assert_close(loaded.shared_layer.ffn.weight, model.shared_layer.ffn.weight)
+
+
+def test_a_head_for_other_labels_is_refused_unless_replaced(tmp_path) -> None:
+    save_tiny_model_dir(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="predicts .* the data has .*--new-head"):
+        ElbertModel.from_pretrained(tmp_path / "m", label_names=["x", "y", "z"])
+    fresh = ElbertModel.from_pretrained(tmp_path / "m", label_names=["x", "y"], new_head=True)
+    assert fresh.label_names == ["x", "y"] and float(fresh.classifier.bias.abs().sum()) == 0.0
+
+
+def test_non_albert_and_tokenizer_less_dirs_are_refused(tmp_path) -> None:
+    save_tiny_model_dir(tmp_path / "bert")
+    config = json.loads((tmp_path / "bert" / "config.json").read_text())
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    with pytest.raises(ModelLoadError, match="'bert' checkpoint.*ALBERT"):
+        ElbertModel.from_pretrained(tmp_path / "bert")
+    bare = tmp_path / "bare"
+    tiny_model(num_layers=2).save_pretrained(bare)  # weights and config, no tokenizer
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        load_tokenizer(bare)
+
+
+def test_fine_tuning_a_loaded_dir_keeps_every_elbert_field(tmp_path) -> None:
+    """A model loaded from a dir (transformers copies its config) saves the ELBERT block it carries."""
+    save_tiny_model_dir(tmp_path / "a", num_layers=4, pooling="mean")
+    model = ElbertModel.from_pretrained(tmp_path / "a")
+    with torch.no_grad():
+        model.depth_logits.copy_(torch.tensor([0.5, 1.5, -1.0]))
+    model.extras.exit = model.extras.exit.model_copy(update={"tau": 0.33, "window": 2})
+    model.extras.name, model.extras.version = "mine", "7"
+    model.save_pretrained(tmp_path / "b", tokenizer=load_tokenizer(tmp_path / "a"))
+    again = ElbertModel.from_pretrained(tmp_path / "b")
+    assert again.extras.pooling == "mean" and (again.extras.name, again.extras.version) == ("mine", "7")
+    assert again.extras.exit.tau == 0.33 and again.extras.exit.window == 2
+    assert again.extras.depth_logits == pytest.approx([0.5, 1.5, -1.0])
 
 
 def test_bad_dirs_raise_model_load_error(tmp_path) -> None:
