@@ -48,6 +48,7 @@ class _Held:
     key: bytes | None
     headers: Headers
     outcome: str
+    source: tuple[str, int, int]  # the input's topic, partition, offset
 
 
 def transactional_id(settings: KafkaSettings, replica_id: str) -> str:
@@ -65,6 +66,9 @@ class TransactionalSink(KafkaSink):
         self._held: dict[TopicPartition, dict[int, list[_Held]]] = {}
         self._held_lock = threading.Lock()
         self.num_transactions = 0
+        # inputs of transactions that failed before they completed: the broker finishes or aborts each
+        # one, records and offsets together, when this transactional id starts again
+        self.in_doubt: set[tuple[str, int, int]] = set()
         self.producer.init_transactions()
 
     @property
@@ -81,7 +85,7 @@ class TransactionalSink(KafkaSink):
         with self._held_lock:  # a result of a revoked (forgotten) assignment is not held: never sent
             if self.tracker.done(tp, msg.offset, msg.epoch):
                 self._held.setdefault(tp, {}).setdefault(msg.offset, []).append(
-                    _Held(topic, value, key, headers, outcome))
+                    _Held(topic, value, key, headers, outcome, (msg.topic, msg.partition, msg.offset)))
 
     def drop(self, tps: set[TopicPartition]) -> None:
         """Forget held records of revoked partitions and, under the same lock, their tracked offsets
@@ -112,6 +116,10 @@ class TransactionalSink(KafkaSink):
             self._wait("commit_transaction", commit_transaction(self.producer))
         except Exception as e:
             self._abort()
+            self.in_doubt.update(rec.source for rec in batch)
+            log.error("transaction of %d records for %s did not complete (%r): the broker commits or aborts "
+                      "it, with its offsets, when transactional id %s starts again", len(batch), offsets, e,
+                      self.producer.config.get("transactional_id"))
             raise DeliveryError(f"transaction of {len(batch)} records for {offsets} failed: {e!r}") from e
         self.tracker.mark_committed(offsets)
         self.num_transactions += 1
