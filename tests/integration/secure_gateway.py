@@ -20,6 +20,7 @@ the client side under test is kafka-python configured from elbert-stream's setti
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -272,6 +273,7 @@ class SecureGateway:
                     self._answer(conn, SaslAuthenticateResponse(
                         error_code=SASL_AUTHENTICATION_FAILED, error_message=f"Authentication failed: {e}",
                         auth_bytes=b"", session_lifetime_ms=0), req, version)
+                    self._linger(conn)
                     return False
                 ok_resp = SaslAuthenticateResponse(error_code=0, error_message=None, auth_bytes=reply,
                                                    session_lifetime_ms=0)
@@ -282,6 +284,17 @@ class SecureGateway:
             else:
                 self._note("failures", f"request {api_key} before SASL authentication")
                 return False
+
+    @staticmethod
+    def _linger(conn: socket.socket, bound_s: float = 2.0) -> None:
+        """After an authentication failure, close only once the client has read the answer (it closes
+        first) or ``bound_s`` passed, as a Kafka broker delays the close
+        (``connection.failed.authentication.delay.ms``): an immediate close races the client's read of
+        the error, which then sees only "socket disconnected" (seen on a loaded 2-core machine)."""
+        conn.settimeout(bound_s)
+        with contextlib.suppress(OSError):
+            while conn.recv(4096):
+                pass
 
     @staticmethod
     def _answer(conn: socket.socket, resp: Any, req: Any, version: int) -> None:
