@@ -164,7 +164,8 @@ class S3Store:
 
         exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
         if not Path(exe).exists():
-            raise BrokerError("moto_server not found: pip install 'elbert-stream[testing]' (it brings moto[server])")
+            raise BrokerError("moto_server not found: pip install 'elbert-stream[testing]' "
+                              "(it brings moto[server])")
         self.bucket, self.region = bucket, region
         self.endpoint = f"http://{host}:{free_port(host)}"
         self.env = {"AWS_ACCESS_KEY_ID": "elbert", "AWS_SECRET_ACCESS_KEY": "elbert",
