@@ -31,19 +31,13 @@ def classify_texts(engine: Engine, texts: list[str]) -> list[Prediction | BadMes
     engine cannot take (say, nothing left after tokenizing) is its ``BadMessage`` in its place."""
     out: list[Prediction | BadMessage | None] = [None] * len(texts)
 
-    def finish(preds: list[Prediction]) -> None:
-        for pred in preds:
-            out[pred.meta] = pred
+    def bad(request: Request, error: BadMessage) -> None:
+        out[request.meta] = error
 
-    for i, (text, tokens) in enumerate(zip(texts, engine.tokenize(texts), strict=True)):
-        request = Request(tokens, text=text, meta=i)
-        try:
-            while not engine.add(request):  # queue full: step to free it
-                finish(engine.step())
-        except BadMessage as e:
-            out[i] = e
-    while engine.has_work():
-        finish(engine.step())
+    requests = [Request(tokens, text=text, meta=i)
+                for i, (text, tokens) in enumerate(zip(texts, engine.tokenize(texts), strict=True))]
+    for pred in engine.run_all(requests, on_bad=bad):
+        out[pred.meta] = pred
     return [r for r in out if r is not None]
 
 

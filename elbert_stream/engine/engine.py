@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -229,12 +230,19 @@ class Engine:
         self._stats.step_time_s += time.perf_counter() - t0
         return out
 
-    def run_all(self, requests: list[Request]) -> list[Prediction]:
-        """Add every request (stepping while the queue is full) and step until all finished."""
+    def run_all(self, requests: list[Request],
+                on_bad: Callable[[Request, BadMessage], None] | None = None) -> list[Prediction]:
+        """Add every request (stepping while the queue is full) and step until all finished. A request
+        ``add`` refuses raises its ``BadMessage``, or goes to ``on_bad`` (and the rest run on)."""
         out: list[Prediction] = []
         for request in requests:
-            while not self.add(request):
-                out.extend(self.step())
+            try:
+                while not self.add(request):
+                    out.extend(self.step())
+            except BadMessage as e:
+                if on_bad is None:
+                    raise
+                on_bad(request, e)
         while self.has_work():
             out.extend(self.step())
         return out

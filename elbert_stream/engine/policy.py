@@ -160,7 +160,9 @@ class ExitPolicy:
         return int(self.settings.min_depth)  # type: ignore[arg-type]
 
     def with_params(self, **changes: Any) -> ExitPolicy:
-        return ExitPolicy.of(self.name, self.num_layers, **{**self.describe(), **changes})
+        """The same rule with some thresholds changed (validated as in ``of``)."""
+        thresholds = {**self.describe(), **changes}
+        return ExitPolicy.of(thresholds.pop("policy"), self.num_layers, **thresholds)
 
     def describe(self) -> dict[str, Any]:
         return self.settings.model_dump()

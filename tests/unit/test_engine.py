@@ -208,6 +208,16 @@ def test_bad_requests_raise_bad_message(ids: list[int], reason: str) -> None:
     assert e.value.reason == reason and not eng.has_work()
 
 
+def test_run_all_raises_a_bad_request_or_hands_it_to_on_bad() -> None:
+    good, bad = Request([2, 5, 6, 3], meta="good"), Request([], meta="bad")
+    with pytest.raises(BadMessage):
+        engine(max_slots=1).run_all([bad, good])
+    refused: list[tuple[object, str]] = []
+    out = engine(max_slots=1).run_all([good, bad, Request([2, 7, 3], meta="also")],
+                                      on_bad=lambda r, e: refused.append((r.meta, e.reason)))
+    assert refused == [("bad", "empty")] and sorted(p.meta for p in out) == ["also", "good"]
+
+
 def test_config_errors() -> None:
     with pytest.raises(ConfigError, match="max_length must be in"):
         Engine(model(), POLICIES["none"], EngineSettings(), max_length=MAX_POS + 1)
