@@ -49,12 +49,14 @@ def broker_bin() -> str:
 
 
 class EmbeddedBroker:
-    """A Tansu broker child process on a free loopback port.
+    """A Tansu broker child process on a free loopback port (``NoidaBroker``: the same for noida-db).
 
     ``start()`` returns once the broker answers Kafka metadata requests; ``stop()`` terminates it
     and waits (it is also registered with ``atexit``), so no process outlives the owner.
     ``bootstrap`` is ``"127.0.0.1:PORT"``.
     """
+
+    name = "Tansu"
 
     def __init__(self, port: int | None = None, *, host: str = "127.0.0.1",
                  log_path: str | Path | None = None, start_timeout_s: float = 20.0,
@@ -89,7 +91,7 @@ class EmbeddedBroker:
             if self.log_path:
                 out.close()  # type: ignore[union-attr]
             atexit.register(self.stop)
-        log.info("starting Tansu broker on %s (pid %d)", self.bootstrap, self._proc.pid)
+        log.info("starting %s broker on %s (pid %d)", self.name, self.bootstrap, self._proc.pid)
         self._wait_ready()
         return self
 
@@ -101,7 +103,7 @@ class EmbeddedBroker:
         while time.monotonic() < deadline:
             if self._proc is None or self._proc.poll() is not None:
                 code = None if self._proc is None else self._proc.returncode
-                raise BrokerError(f"Tansu exited with status {code} while starting on {self.bootstrap}")
+                raise BrokerError(f"{self.name} exited with status {code} while starting on {self.bootstrap}")
             try:
                 socket.create_connection((self.host, self.port), timeout=0.5).close()
             except OSError as e:  # not listening yet: probe with a plain socket (kafka-python logs errors)
@@ -118,7 +120,7 @@ class EmbeddedBroker:
                 last = e
                 time.sleep(0.1)
         self.stop()
-        raise BrokerError(f"Tansu on {self.bootstrap} did not answer within {self.start_timeout_s}s: "
+        raise BrokerError(f"{self.name} on {self.bootstrap} did not answer within {self.start_timeout_s}s: "
                           f"{last!r}")
 
     def create_topics(self, names: list[str] | tuple[str, ...], partitions: int = 1) -> None:
@@ -142,7 +144,7 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        log.info("Tansu broker on %s stopped", self.bootstrap)
+        log.info("%s broker on %s stopped", self.name, self.bootstrap)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
@@ -150,6 +152,32 @@ class EmbeddedBroker:
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class NoidaBroker(EmbeddedBroker):
+    """A noida-db broker (Kafka protocol only, in memory; the ``noida-db`` wheel, in the [testing]
+    extra) on a free loopback port: the second, independent broker implementation the tests use.
+    Quirks of its own (docs/streaming.md): it never expires a dead group member (a SIGKILLed
+    dynamic member keeps its partitions) nor aborts an abandoned transaction."""
+
+    name = "noida-db"
+
+    def __init__(self, port: int | None = None, *, data_dir: str | Path | None = None,
+                 **kwargs: object) -> None:
+        import tempfile
+
+        super().__init__(port, **kwargs)  # type: ignore[arg-type]
+        self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="noida-"))
+
+    def command(self) -> list[str]:
+        import shutil
+        import sys
+
+        exe = shutil.which("noida-db") or str(Path(sys.executable).with_name("noida-db"))
+        if not Path(exe).exists():
+            raise BrokerError("noida-db not found: pip install 'elbert-stream[testing]' (it brings noida-db)")
+        return [exe, "start", "--only", "kafka", "--kafka-port", str(self.port),
+                "--data-dir", str(self.data_dir)]
 
 
 class S3Store:

@@ -49,3 +49,15 @@ def topics(kafka_bootstrap: str, request: pytest.FixtureRequest) -> dict[str, st
     names = {"input": f"{stem}-in", "output": f"{stem}-out", "dead": f"{stem}-dlq", "group": f"{stem}-g"}
     create_topics(kafka_bootstrap, [names["input"], names["output"], names["dead"]], partitions=4)
     return names
+
+
+@pytest.fixture(scope="session")
+def noida_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``host:port`` of a noida-db broker for this session: the second broker implementation, for the
+    tests of behaviour the first one (Tansu) does not implement (e.g. topic ``max.message.bytes``,
+    aborted records hidden from read_committed readers)."""
+    from elbert_stream.testing.broker import NoidaBroker
+
+    root = tmp_path_factory.mktemp("noida")
+    with NoidaBroker(log_path=root / "noida.log", data_dir=root / "data") as broker:
+        yield broker.bootstrap
