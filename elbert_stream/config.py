@@ -110,13 +110,35 @@ class KafkaSettings(BaseModel):
         "at_least_once", description="exactly_once = transactions; read the output with read_committed"
     )
     transactional_id_prefix: str = Field(
-        "elbert-stream", description="exactly_once: transactional.id = prefix + replica id (fencing)"
+        "elbert-stream", description="exactly_once: transactional.id = prefix + the worker's stable identity "
+        "(stream/identity.py: Serve rank, or host slot), so a replacement fences its predecessor"
     )
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "none", description="producer compression of output and dead-letter batches"
     )
     delivery_timeout_ms: int = Field(
         120_000, ge=1000, description="producer retries a send this long (ms); past it the worker fails"
+    )
+    transaction_timeout_ms: int = Field(
+        20_000, ge=1000,
+        description="exactly_once: the broker aborts a transaction open this long (ms), e.g. a killed "
+                    "replica's whose transactional id does not come back; read_committed readers wait at "
+                    "most this long for it. Longer than one commit takes, shorter than a stall you accept",
+    )
+    max_block_ms: int = Field(
+        5_000, ge=0,
+        description="longest a produce call may block the loop (ms): output-topic metadata unknown or the "
+                    "producer's buffer full; past it the record is parked and retried, its partition paused",
+    )
+    commit_timeout_ms: int = Field(
+        5_000, ge=100,
+        description="longest a blocking offset commit waits (ms; at drain, close and revoke); the loop's "
+                    "periodic commits are asynchronous and never block it",
+    )
+    retry_backoff_max_s: float = Field(
+        30.0, gt=0,
+        description="a parked record (dead-letter topic not writable, produce blocked) is retried with "
+                    "exponential backoff up to this period (s) until it goes through",
     )
     # security
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(

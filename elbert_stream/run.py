@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import socket
 import threading
 
 from elbert_stream.config import Settings
@@ -25,7 +23,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        description="Settings come from ELBERT_* environment variables "
                                    "(see docs/settings.md).")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides ELBERT_KAFKA__BOOTSTRAP_SERVERS)")
-    p.add_argument("--replica-id", default=None, help="static member id suffix (default: host-pid)")
+    p.add_argument("--replica-id", default=None,
+                   help="this worker's stable name: static member id <group>-<id>, transactional id "
+                        "<prefix>-<group>-<id> (default: <host>-<slot>, the lowest slot of this host no live "
+                        "worker of the group holds: a restart takes the dead one's identity back)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain on stop")
     p.set_defaults(func=run_worker)
 
@@ -38,7 +39,14 @@ def run_worker(args: argparse.Namespace) -> int:
     settings = Settings()
     if args.bootstrap:
         settings.kafka.bootstrap_servers = args.bootstrap
-    replica_id = args.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    slot = None
+    if args.replica_id:
+        replica_id = args.replica_id
+    else:
+        from elbert_stream.stream.identity import claim_local_slot
+
+        slot = claim_local_slot(settings.kafka.group_id)
+        replica_id = slot.identity
     engine = Engine.from_settings(settings)
     telemetry = None
     if settings.telemetry.prometheus_port is not None or settings.telemetry.otlp_endpoint:
@@ -51,14 +59,21 @@ def run_worker(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     worker.start()
     try:
-        while not stop.wait(0.5) and worker.alive():
-            pass
+        failure = None
+        while not stop.wait(0.5) and failure is None:
+            failure, _ = worker.health()
+        if failure is not None and worker.error is None:
+            log.error("%s: stopping (exit 1) so that the supervisor restarts it", failure)
         worker.stop(args.drain_timeout)
     finally:
         if telemetry is not None:
             telemetry.shutdown()
+        if slot is not None:
+            slot.release()
     if worker.error is not None:
         log.error("worker stopped with an error: %r", worker.error)
+        return 1
+    if failure is not None:
         return 1
     log.info("worker %s stopped: %s", replica_id, worker.stats()["messages"])
     return 0

@@ -157,9 +157,10 @@ class ElbertWorker:
         with self._lock:
             if self._closed:
                 return
-            static = bool(new.kafka.group_instance_id)
-            if static and self._worker is not None and new_rank is not None and new_rank != self._rank:
-                log.info("replica %s: rank %s -> %s: restarting the worker under its new member id",
+            # the rank names the static member id and the transactional id (stream/identity.py)
+            ranked = bool(new.kafka.group_instance_id) or new.kafka.delivery == "exactly_once"
+            if ranked and self._worker is not None and new_rank is not None and new_rank != self._rank:
+                log.info("replica %s: rank %s -> %s: restarting the worker under its new identity",
                          self.replica_tag, self._rank, new_rank)
                 self._stop_worker(max(1.0, self._grace_s - DRAIN_MARGIN_S))
             if new_rank is not None:
@@ -179,11 +180,9 @@ class ElbertWorker:
             worker = self._worker
         if worker is None:
             return
-        error = getattr(worker, "error", None)
-        if error is not None:
-            raise ElbertError(f"worker of replica {self.replica_tag} failed: {error!r}")
-        if not worker.alive():
-            raise ElbertError(f"worker of replica {self.replica_tag}: its thread is not running")
+        failure, _warnings = worker.health()  # warnings (parked records) are in /healthz and /stats
+        if failure is not None:
+            raise ElbertError(f"replica {self.replica_tag}: {failure}")
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The exit-depth load report for ``autoscaling.ExitDepthPolicy`` (flat floats; keys in
@@ -243,7 +242,9 @@ class ElbertWorker:
             self.check_health()
         except ElbertError as e:
             raise HTTPException(503, str(e)) from e
-        return {"ok": True, "replica_id": self.replica_tag}
+        worker = self._worker
+        warnings = worker.health()[1] if worker is not None else []
+        return {"ok": True, "replica_id": self.replica_tag, "warnings": warnings}
 
     # ---- internals ---------------------------------------------------------------------------
     @property
@@ -265,11 +266,15 @@ class ElbertWorker:
         settings.kafka.group_instance_id = self.group_instance_id  # "" = dynamic (Worker contract)
         engine = Engine.from_settings(settings)  # loads the checkpoint's tokenizer too
         self._telemetry = _make_telemetry(settings, self.replica_tag, engine, self._local_rank)
-        worker = Worker(settings, engine, None, replica_id=self.replica_tag, telemetry=self._telemetry)
+        from elbert_stream.stream.identity import serve_identity
+
+        identity = serve_identity(settings.kafka.group_id, self._rank if self._rank is not None else 0)
+        worker = Worker(settings, engine, None, replica_id=self.replica_tag, telemetry=self._telemetry,
+                        identity=identity)
         worker.start()
         self._worker = worker
-        log.info("replica %s: worker started as %s on %s", self.replica_tag, settings.kafka.group_instance_id,
-                 settings.kafka.input_topics)
+        log.info("replica %s: worker started as %s (member %s) on %s", self.replica_tag, identity,
+                 settings.kafka.group_instance_id or "dynamic", settings.kafka.input_topics)
 
     def _apply(self, new: Settings) -> None:
         """Live-apply ``exit``/``autoscaling``; restart the worker for any other change."""

@@ -3,10 +3,23 @@ broker acknowledged it. Codec and schema live in ``records.py``.
 
 Delivery failure policy (at-least-once): the producer retries retriable errors itself until
 ``delivery_timeout_ms``. An output the broker rejects as a record (too large, invalid) is sent to the
-dead-letter topic with reason ``output_rejected``; any other failed delivery (broker unreachable past
-the timeout, authorisation, a failed dead letter) is fatal: ``KafkaSink.raise_failures`` raises
-``DeliveryError``, the worker stops with that error and fails its health check, and the offset is never
-committed, so the replacement replica processes the message again. Nothing is lost.
+dead-letter topic with reason ``output_rejected``.
+
+A record that cannot be written NOW is parked, not fatal: a dead letter the broker refuses (topic
+missing, not authorised, too small a ``max.message.bytes`` even without the value, or any failed
+delivery of a dead letter), or any record whose ``send`` blocked past ``max_block_ms`` (topic metadata
+unknown, buffer full). A parked record is retried with exponential backoff (up to
+``retry_backoff_max_s``) until it goes through; its input partition is held (``blocked``: the worker
+pauses exactly those partitions, the others keep flowing) and, since its offset is not done, nothing of
+that partition is committed past it. ``problem()`` says what is parked, where and why (the worker's
+health detail and stats; a log line names the topic and the broker's error; the
+``elbert_parked_records`` / ``elbert_held_partitions`` gauges). The stream recovers by itself when the
+topic becomes writable: a fleet of replicas never crash-loops on one unwritable dead letter.
+
+Any other failed delivery of an OUTPUT (broker unreachable past the timeout, authorisation) is fatal:
+``KafkaSink.raise_failures`` raises ``DeliveryError``, the worker stops with that error and fails its
+health check, and the offset is never committed, so the replacement replica processes the message
+again. Nothing is lost.
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +38,7 @@ from elbert_stream.config import KafkaSettings
 from elbert_stream.errors import ElbertError
 from elbert_stream.stream.client import client_config, explain_bootstrap
 from elbert_stream.stream.offsets import OffsetTracker, TopicPartition
+from elbert_stream.stream.parking import ParkingLot
 from elbert_stream.stream.records import (
     InputMessage,
     OutputRecord,
@@ -50,6 +65,7 @@ class _Failure:
     kind: str  # "output" | "dead_letter"
     error: BaseException
     retry: tuple[str, str, Headers | None] | None = None  # a dead letter's (reason, detail, trace)
+    omitted: bool = False  # a dead letter sent without its value already
 
 
 class KafkaSink:
@@ -68,9 +84,21 @@ class KafkaSink:
         self.counts: Counter[str] = Counter()  # ok | dead_letter | dead_letter.<reason> | error
         self._lock = threading.Lock()
         self._failures: list[_Failure] = []
+        self.parking = ParkingLot(settings.retry_backoff_max_s)  # loop thread (see parking.py)
         self._in_flight = 0
-        cfg: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 2,
+        # Idempotence only with transactions: kafka-python 3.0.x classifies ANY non-retriable batch
+        # error of an idempotent, non-transactional producer as fatal (transaction_manager
+        # .classify_batch_error): one record the broker refuses (a dead letter over the topic's
+        # max.message.bytes, a topic not authorised) aborts every batch of the producer, for good.
+        # Measured on noida-db. Java fails only that batch. at_least_once tolerates the duplicate a
+        # retry after a lost acknowledgement can cause; exactly_once is transactional (idempotent).
+        cfg: dict[str, Any] = {"acks": "all", "enable_idempotence": "transactional_id" in producer_overrides,
+                               "linger_ms": 2,
                                "delivery_timeout_ms": settings.delivery_timeout_ms,
+                               "max_block_ms": settings.max_block_ms,
+                               # a typo in a topic name is refused, never a new topic: on a real cluster
+                               # auto-creation is usually off anyway, and the record parks loudly
+                               "allow_auto_create_topics": False,
                                "request_timeout_ms": min(30_000, settings.delivery_timeout_ms // 2),
                                "compression_type": None if settings.compression_type == "none"
                                else settings.compression_type}
@@ -110,13 +138,12 @@ class KafkaSink:
             omit_value = size + 512 > int(self.producer.config["max_request_size"])
         if omit_value:
             headers.append(("elbert.value_omitted", f"{len(msg.value or b'')} bytes".encode()))
-        retry = None if omit_value else (reason, detail, trace)
         value = None if omit_value else msg.value
         if value is None and msg.key is None:  # Kafka clients refuse a record with neither
             value = b""
         try:
             self._send(self.settings.dead_letter_topic, msg, value, msg.key, headers, f"dead_letter.{reason}",
-                       retry)
+                       (reason, detail, trace), omitted=omit_value)
         except RECORD_REJECTED:
             if omit_value:
                 raise
@@ -124,20 +151,62 @@ class KafkaSink:
 
     def _send(self, topic: str, msg: InputMessage, value: bytes | None, key: bytes | None,
               headers: list[tuple[str, bytes]], outcome: str,
-              retry: tuple[str, str, Headers | None] | None = None) -> None:
+              retry: tuple[str, str, Headers | None] | None = None, *, omitted: bool = False) -> None:
+        """Send one record, or park it (``parking.py``): behind a parked record of its partition, or
+        when ``send`` blocked past ``max_block_ms`` (metadata unknown, buffer full)."""
+        if self.parking.holds(TopicPartition(msg.topic, msg.partition)):
+            self.parking.queue(msg, topic, self._resend(topic, msg, value, key, headers, outcome, retry))
+            return
         with self._lock:
             self._in_flight += 1
         try:
             fut = self.producer.send(topic, value=value, key=key, headers=headers)
+        except kerrors.KafkaTimeoutError as e:
+            with self._lock:
+                self._in_flight -= 1
+            resend = self._resend(topic, msg, value, key, headers, outcome, retry)
+            self.parking.park(msg, topic, resend, repr(e))
+            return
         except BaseException:
             with self._lock:
                 self._in_flight -= 1
             raise
         fut.add_callback(self._on_ack, msg, outcome)
-        fut.add_errback(self._on_error, msg, "output" if outcome == "ok" else "dead_letter", retry)
+        fut.add_errback(self._on_error, msg, "output" if outcome == "ok" else "dead_letter", retry, omitted)
+
+    def _resend(self, topic: str, msg: InputMessage, value: bytes | None, key: bytes | None,
+                headers: list[tuple[str, bytes]], outcome: str,
+                retry: tuple[str, str, Headers | None] | None) -> Callable[[], None]:
+        """How to send a parked record again: a dead letter from the start (its value first), any
+        other record as it was."""
+        if retry is not None:
+            return lambda: self.send_dead_letter(msg, *retry)
+        return lambda: self._send(topic, msg, value, key, headers, outcome)
+
+    def retry_parked(self) -> int:
+        """Send again the parked records whose backoff passed (loop thread); returns how many."""
+        due = self.parking.take_due(lambda m: self.tracker.is_current(m.topic, m.partition, m.epoch))
+        for p in due:
+            p.resend()
+        if due and not self.parking.items:
+            log.warning("parked records sent again: no partition held any more")
+        return len(due)
+
+    def blocked(self) -> set[TopicPartition]:
+        """Input partitions with a parked record: the worker holds (pauses) exactly these."""
+        return self.parking.blocked()
+
+    def problem(self) -> str | None:
+        """What is parked, where and why (the worker's health warning); None when nothing is."""
+        return self.parking.problem()
+
+    @property
+    def num_parked(self) -> int:
+        return len(self.parking.items)
 
     def _on_ack(self, msg: InputMessage, outcome: str, _metadata: Any) -> None:
         self.tracker.done((msg.topic, msg.partition), msg.offset, msg.epoch)
+        self.parking.delivered(msg)
         with self._lock:
             self._in_flight -= 1
             self.counts[outcome.split(".")[0]] += 1
@@ -145,22 +214,26 @@ class KafkaSink:
                 self.counts[outcome] += 1
 
     def _on_error(self, msg: InputMessage, kind: str, retry: tuple[str, str, Headers | None] | None,
-                  error: BaseException) -> None:
+                  omitted: bool, error: BaseException) -> None:
         with self._lock:
             self._in_flight -= 1
-            self._failures.append(_Failure(msg, kind, error, retry))
+            self._failures.append(_Failure(msg, kind, error, retry, omitted))
 
     def raise_failures(self) -> None:
-        """Handle failed deliveries (call on the worker thread): dead-letter rejected outputs, raise
-        ``DeliveryError`` for the rest."""
+        """Handle failed deliveries (call on the worker thread): dead-letter rejected outputs, park
+        refused dead letters, raise ``DeliveryError`` for the rest."""
         with self._lock:
             failures, self._failures = self._failures, []
         for f in failures:
             if f.kind == "output" and isinstance(f.error, RECORD_REJECTED):
                 self.send_dead_letter(f.msg, "output_rejected", f"output record rejected: {f.error!r}")
                 continue
-            if f.kind == "dead_letter" and f.retry is not None and isinstance(f.error, RECORD_REJECTED):
-                self.send_dead_letter(f.msg, *f.retry, omit_value=True)  # the broker refused the size
+            if f.kind == "dead_letter" and f.retry is not None:
+                if isinstance(f.error, RECORD_REJECTED) and not f.omitted:
+                    self.send_dead_letter(f.msg, *f.retry, omit_value=True)  # the broker refused the size
+                else:  # the topic refused it (even without the value): park, never fatal
+                    self.parking.park(f.msg, self.settings.dead_letter_topic,
+                                      self._resend("", f.msg, None, None, [], "", f.retry), repr(f.error))
                 continue
             with self._lock:
                 self.counts["error"] += 1
@@ -171,9 +244,10 @@ class KafkaSink:
         with self._lock:
             return Counter(self.counts)
 
-    def commit(self, source: KafkaSource) -> dict[TopicPartition, int]:
-        """Commit the contiguous acknowledged offsets as the group's offsets (at-least-once)."""
-        return source.commit(self.tracker.committable())
+    def commit(self, source: KafkaSource, *, blocking: bool = False) -> dict[TopicPartition, int]:
+        """Commit the contiguous acknowledged offsets as the group's offsets (at-least-once);
+        asynchronous unless ``blocking`` (``KafkaSource.commit``)."""
+        return source.commit(self.tracker.committable(), blocking=blocking)
 
     def flush(self, timeout_s: float | None = None) -> None:
         self.producer.flush(timeout=timeout_s)

@@ -20,12 +20,16 @@ from kafka.structs import OffsetAndMetadata
 
 from elbert_stream.config import KafkaSettings
 from elbert_stream.stream.client import client_config, explain_bootstrap
-from elbert_stream.stream.kafka_internals import commit_offsets_on_io_thread, refetch_from_committed
+from elbert_stream.stream.kafka_internals import (
+    commit_offsets_on_io_thread,
+    joining_group,
+    refetch_from_committed,
+)
 from elbert_stream.stream.offsets import OffsetTracker, TopicPartition
 from elbert_stream.stream.records import InputMessage
 
 log = logging.getLogger(__name__)
-COMMIT_TIMEOUT_MS = 5000  # a commit blocks the loop thread at most this long; it is retried next interval
+JOIN_POLL_MS = 100  # poll slice while a group join is in flight (see ``poll``)
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):
@@ -66,9 +70,12 @@ class KafkaSource:
         self.tracker = tracker
         self.on_revoke = on_revoke
         self.transactional = transactional
-        self.paused = False
+        self.paused = False  # every partition paused (the worker's backlog is full)
+        self.held: set[TopicPartition] = set()  # partitions paused on their own (the sink parked a record)
         self.num_commits = 0
         self.num_commit_failures = 0
+        self._commit_in_flight = False
+        self.unassigned_since: float | None = time.monotonic()  # no partitions since (None: has some)
         self.num_revocations = 0  # rebalances that took partitions away (revoked or lost)
         self._reread: dict[TopicPartition, int | None] = {}  # revoked -> where to read again (None: commit)
         with explain_bootstrap(settings, "consumer"):
@@ -84,9 +91,28 @@ class KafkaSource:
         self.consumer.subscribe(settings.input_topics, listener=_Rebalance(self))
 
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputMessage]:
-        """Fetch records, track their offsets, return them in partition/offset order."""
-        batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records, update_offsets=True)
+        """Fetch records, track their offsets, return them in partition/offset order.
+
+        While a group join is in flight the poll waits (slices of ``JOIN_POLL_MS``, back to back,
+        until joined or ``max(timeout_ms, JOIN_POLL_MS)`` passed) whatever ``timeout_ms`` says:
+        kafka-python 3.0 drops a join whose answer arrives between two polls and sends a new
+        JoinGroup, so a member that does other work between ``poll(0)`` calls (the engine's steps)
+        can rejoin forever without an assignment. Under eager rebalancing nothing is assigned while
+        joining, so the wait costs no work of the group's partitions."""
+        if joining_group(self.consumer):
+            deadline = time.monotonic() + max(timeout_ms, JOIN_POLL_MS) / 1000
+            batches = self.consumer.poll(timeout_ms=JOIN_POLL_MS, max_records=max_records,
+                                         update_offsets=True)
+            while not batches and joining_group(self.consumer) and time.monotonic() < deadline:
+                batches = self.consumer.poll(timeout_ms=JOIN_POLL_MS, max_records=max_records,
+                                             update_offsets=True)
+        else:
+            batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records, update_offsets=True)
         now = time.monotonic()
+        if self.consumer.assignment():
+            self.unassigned_since = None
+        elif self.unassigned_since is None:
+            self.unassigned_since = now
         out: list[InputMessage] = []
         for ktp, records in batches.items():
             tp = TopicPartition(ktp.topic, ktp.partition)
@@ -102,6 +128,25 @@ class KafkaSource:
                 ))
         return out
 
+    def stuck_joining(self) -> str | None:
+        """Why this member looks stuck, or None: no partitions for longer than three session timeouts
+        + 30 s while a join is pending (a join waits at most a session timeout for the members, dead
+        ones expired, plus the rebalance). A restart is the remedy (the worker's health fails)."""
+        limit_s = 3 * self.settings.session_timeout_ms / 1000 + 30.0
+        since = self.unassigned_since
+        if since is None or time.monotonic() - since <= limit_s or not joining_group(self.consumer):
+            return None
+        return (f"no partitions for {time.monotonic() - since:.0f}s while joining group "
+                f"{self.settings.group_id!r} (member {self.settings.group_instance_id or 'dynamic'}): "
+                "the group never completed a join with this member (a dead member the broker does not "
+                "expire, or a rebalance that never ends); restart it, and check the group with "
+                "kafka-consumer-groups --describe")
+
+    def total_partitions(self) -> int:
+        """Partitions of the input topics, as the consumer's metadata knows them."""
+        parts = [self.consumer.partitions_for_topic(t) or () for t in self.settings.input_topics]
+        return sum(len(p) for p in parts)
+
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(t.topic, t.partition) for t in self.consumer.assignment()}
 
@@ -112,26 +157,60 @@ class KafkaSource:
             self.paused = True
 
     def resume(self) -> None:
+        """Fetch again from every partition but the ``held`` ones."""
         if self.paused:
-            self.consumer.resume(*self.consumer.paused())
+            self.consumer.resume(*(t for t in self.consumer.paused()
+                                   if TopicPartition(t.topic, t.partition) not in self.held))
             self.paused = False
 
-    def commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
-        """Commit ``offsets`` as the group's offsets; returns them, or {} when the commit failed (logged,
-        counted; the same offsets are committed again next time)."""
-        if not offsets:
+    def hold(self, tps: set[TopicPartition]) -> None:
+        """Pause exactly ``tps`` (on top of ``pause``): partitions whose next result cannot be
+        delivered yet; the others keep flowing. Partitions no longer held are resumed."""
+        tps = {tp for tp in tps if tp in self.assignment()}
+        if tps == self.held:
+            return
+        released, self.held = self.held - tps, tps
+        if tps:
+            self.consumer.pause(*(KTopicPartition(*tp) for tp in tps))
+        if released and not self.paused:
+            self.consumer.resume(*(KTopicPartition(*tp) for tp in released))
+        log.info("partitions held back: %s", sorted(tps) or "none")
+
+    def commit(self, offsets: dict[TopicPartition, int], *,
+               blocking: bool = False) -> dict[TopicPartition, int]:
+        """Commit ``offsets`` as the group's offsets. Non-blocking by default: the commit is sent and
+        recorded (``mark_committed``) when the coordinator answers, on a later ``poll`` or commit;
+        one is in flight at a time (offsets meanwhile go with the next). ``blocking`` (drain, close)
+        waits up to ``commit_timeout_ms``. Returns the offsets sent, or {} (nothing to do, one in
+        flight, or failed: logged, counted, the same offsets are committed again next time)."""
+        if not offsets or (self._commit_in_flight and not blocking):
             return {}
+        koffsets = {KTopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
+        if not blocking:
+            self._commit_in_flight = True
+            try:
+                self.consumer.commit_async(koffsets, callback=lambda _o, r: self._committed(offsets, r))
+            except kerrors.KafkaError as e:
+                self._committed(offsets, e)
+            return offsets
         try:
-            self.consumer.commit({KTopicPartition(*tp): OffsetAndMetadata(off, "", -1)
-                                  for tp, off in offsets.items()}, timeout_ms=COMMIT_TIMEOUT_MS)
+            self.consumer.commit(koffsets, timeout_ms=self.settings.commit_timeout_ms)
         except (kerrors.CommitFailedError, kerrors.KafkaError) as e:
-            self.num_commit_failures += 1
-            log.warning("commit of %s failed (will retry next interval): %r", _fmt(offsets), e)
+            self._committed(offsets, e)
             return {}
+        self._committed(offsets, None)
+        return offsets
+
+    def _committed(self, offsets: dict[TopicPartition, int], result: object) -> None:
+        """A commit's outcome (an exception, or the response / None for success)."""
+        self._commit_in_flight = False
+        if isinstance(result, BaseException):
+            self.num_commit_failures += 1
+            log.warning("commit of %s failed (will retry next interval): %r", _fmt(offsets), result)
+            return
         self.tracker.mark_committed(offsets)
         self.num_commits += 1
         log.debug("committed %s", _fmt(offsets))
-        return offsets
 
     async def _on_revoked(self, revoked: set[KTopicPartition], *, commit: bool) -> None:
         """On the consumer's IO thread: commit the revoked partitions' finished offsets (unless the
@@ -143,7 +222,7 @@ class KafkaSource:
         if commit and ready and not self.transactional:
             offsets = {KTopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in ready.items()}
             try:  # the public commit() blocks, and raises on this thread
-                await commit_offsets_on_io_thread(self.consumer, offsets, COMMIT_TIMEOUT_MS)
+                await commit_offsets_on_io_thread(self.consumer, offsets, self.settings.commit_timeout_ms)
                 self.tracker.mark_committed(ready)
                 self.num_commits += 1
             except Exception as e:  # noqa: BLE001 - the new owner re-reads from the last commit
@@ -158,6 +237,7 @@ class KafkaSource:
         else:
             self._reread.update(self.tracker.first_pending(tps))
         self.tracker.forget(tps)
+        self.held = self.held - tps  # rebound, never mutated: stats() reads it from other threads
         log.info("partitions %s: %s", "revoked" if commit else "lost", sorted(tps))
 
     def _on_assigned(self, assigned: set[KTopicPartition]) -> None:

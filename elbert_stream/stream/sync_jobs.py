@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from elbert_stream.errors import BadMessage
-from elbert_stream.types import Prediction
+from elbert_stream.types import Prediction, Request
 
 
 @dataclass
@@ -75,3 +75,16 @@ def tokenize_each(tokenize: Callable[[list[str]], list[list[int]]],
         except Exception as e:  # noqa: BLE001 - tokenizers raise many kinds
             out.append(BadMessage("tokenizer_error", f"{type(e).__name__}: {e}"[:300]))
     return out
+
+
+def job_requests(job: SyncJob,
+                 tokenize: Callable[[list[str]], list[list[int] | BadMessage]]) -> list[Request]:
+    """The engine requests of ``job`` (one per text), or [] after failing the job on its first text
+    the tokenizer refused."""
+    results = tokenize(job.texts)
+    bad = next((i for i, r in enumerate(results) if isinstance(r, BadMessage)), None)
+    if bad is not None:
+        job.fail(results[bad], bad)  # type: ignore[arg-type]
+        return []
+    return [Request(ids, text=t, meta=SyncRef(job, i))  # type: ignore[arg-type]
+            for i, (t, ids) in enumerate(zip(job.texts, results, strict=True))]

@@ -51,18 +51,16 @@ class _Held:
     source: tuple[str, int, int]  # the input's topic, partition, offset
 
 
-def transactional_id(settings: KafkaSettings, replica_id: str) -> str:
-    """Stable per replica, so a restarted replica fences its predecessor."""
-    return f"{settings.transactional_id_prefix}-{settings.group_instance_id or replica_id}"
-
-
 class TransactionalSink(KafkaSink):
     """See the module doc. ``commit(source)`` runs on the worker's loop thread."""
 
     def __init__(self, settings: KafkaSettings, tracker: OffsetTracker, *, replica_id: str,
-                 client_id: str = "elbert-stream", **producer_overrides: Any) -> None:
+                 transactional_id: str, client_id: str = "elbert-stream", **producer_overrides: Any) -> None:
+        """``transactional_id``: stable across restarts, never shared by two live workers
+        (``identity.py``)."""
+        producer_overrides.setdefault("transaction_timeout_ms", settings.transaction_timeout_ms)
         super().__init__(settings, tracker, replica_id=replica_id, client_id=client_id,
-                         transactional_id=transactional_id(settings, replica_id), **producer_overrides)
+                         transactional_id=transactional_id, **producer_overrides)
         self._held: dict[TopicPartition, dict[int, list[_Held]]] = {}
         self._held_lock = threading.Lock()
         self.num_transactions = 0
@@ -77,7 +75,8 @@ class TransactionalSink(KafkaSink):
             return sum(len(v) for part in self._held.values() for v in part.values())
 
     def _send(self, topic: str, msg: InputMessage, value: bytes | None, key: bytes | None,
-              headers: Headers, outcome: str, retry: tuple[str, str, Headers | None] | None = None) -> None:
+              headers: Headers, outcome: str, retry: tuple[str, str, Headers | None] | None = None, *,
+              omitted: bool = False) -> None:
         size = len(value or b"") + len(key or b"") + sum(len(k) + len(v) for k, v in headers) + 512
         if size > int(self.producer.config["max_request_size"]):  # would fail the whole transaction
             raise kerrors.MessageSizeTooLargeError(f"record of about {size} bytes for {msg.where}")
@@ -95,8 +94,9 @@ class TransactionalSink(KafkaSink):
                 self._held.pop(tp, None)
             self.tracker.forget(tps)
 
-    def commit(self, source: KafkaSource) -> dict[TopicPartition, int]:
-        """One transaction: held records of the ready prefix + the prefix ends as group offsets."""
+    def commit(self, source: KafkaSource, *, blocking: bool = True) -> dict[TopicPartition, int]:
+        """One transaction: held records of the ready prefix + the prefix ends as group offsets
+        (always waited for, each step within ``delivery_timeout_ms``; ``blocking`` is ignored)."""
         with self._held_lock:  # offsets and their records taken together (a revoke drops both or neither)
             offsets = self.tracker.committable()
             batch = self._take(offsets)

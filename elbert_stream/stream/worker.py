@@ -1,24 +1,19 @@
 """The pump: Kafka poll -> decode/tokenize -> Engine.add -> Engine.step -> produce -> commit.
 
-One loop thread owns the consumer, the engine's add/step and every commit. It keeps the engine busy
-while the network works: it polls with ``poll_timeout_ms`` only when the engine is idle, ``poll(0)``
-otherwise. Backpressure: polled requests the engine cannot queue wait in a local backlog (at most one
-poll's worth) and every assigned partition is paused until the backlog drains, so memory stays
-bounded whatever the lag. Offsets are committed only over results the broker acknowledged (see
-``offsets.py``); delivery failures are handled as ``sink.py`` documents. The worker owns WHEN to
-commit (its ``CommitCadence``: every ``commit_interval_s``, and forced at drain and close; at a
-revoke the source commits the revoked partitions' finished offsets itself); the sink owns
-HOW: group offsets (at_least_once) or, with ``kafka.delivery=exactly_once``, one transaction of the
-results and their offsets (``transactions.py``).
+One loop thread owns the consumer, the engine's add/step and every commit. It polls with
+``poll_timeout_ms`` when the engine is idle, ``poll(0)`` otherwise (a pending group join always gets
+a real wait: ``KafkaSource.poll``). Backpressure: polled requests the engine cannot queue wait in a
+backlog (one poll's worth) and every partition is paused until it drains; partitions behind a parked
+record (``sink.py``: dead-letter topic not writable) are held on their own. Offsets are committed only
+over acknowledged results (``offsets.py``). The worker owns WHEN to commit (``CommitCadence``; forced
+at drain and close; at a revoke the source commits itself); the sink owns HOW: asynchronous group
+offsets (at_least_once) or one transaction of results and offsets (exactly_once, ``transactions.py``).
+The engine is any ``types.EngineLike``: this module imports no torch and no Ray.
 
-The engine is any ``types.EngineLike`` (``engine.Engine`` in production): this module imports no
-torch and no Ray.
-
-``stop(timeout_s)`` drains: stop polling, finish the backlog and the busy slots, flush the producer,
-commit, and close the consumer. With static membership (``group_instance_id``; defaulted here to
-``<group_id>-<replica_id>``) kafka-python sends no LeaveGroup on close: Tansu 0.6 can wedge a group
-when a member leaves during a rebalance, and a restarted replica with the same instance id gets its
-partitions back without a rebalance.
+``stop(timeout_s)`` drains: stop polling, finish the backlog and the busy slots, flush, commit, close.
+With static membership (``group_instance_id``, default ``<group_id>-<replica_id>``) kafka-python sends
+no LeaveGroup on close: a restart with the same id gets its partitions back without a rebalance.
+``identity`` (``identity.py``) names the transactional id, so a restart fences its predecessor.
 """
 
 from __future__ import annotations
@@ -37,7 +32,7 @@ from elbert_stream.stream.offsets import CommitCadence, OffsetTracker, TopicPart
 from elbert_stream.stream.records import InputMessage, decode_input, output_record, trace_headers
 from elbert_stream.stream.sink import KafkaSink
 from elbert_stream.stream.source import KafkaSource
-from elbert_stream.stream.sync_jobs import SyncJob, SyncRef, tokenize_each
+from elbert_stream.stream.sync_jobs import SyncJob, SyncRef, job_requests, tokenize_each
 from elbert_stream.types import EngineLike, Prediction, Request
 
 log = logging.getLogger(__name__)
@@ -50,13 +45,17 @@ class Worker:
     ``error``, ``set_exit_policy``, ``classify``, ``stats``, ``telemetry_snapshot``."""
 
     def __init__(self, settings: Settings, engine: EngineLike, tokenizer: Any = None, *, replica_id: str,
-                 telemetry: Any = None) -> None:
+                 telemetry: Any = None, identity: str | None = None) -> None:
+        """``identity``: stable across restarts and never shared by two live workers (``identity.py``);
+        names the transactional id (``<prefix>-<identity>``); default: the static member id, else
+        ``replica_id``."""
         self.settings = settings.model_copy(deep=True)
         k = self.settings.kafka
         if k.group_instance_id is None:  # static membership by default; "" = dynamic membership
             k.group_instance_id = f"{k.group_id}-{replica_id}"
         elif not k.group_instance_id:
             k.group_instance_id = None
+        self.identity = identity or k.group_instance_id or replica_id
         self.engine = engine
         self.tokenizer = tokenizer
         self.replica_id = replica_id
@@ -122,6 +121,20 @@ class Worker:
     def alive(self) -> bool:
         return self._running.is_set() and self.error is None
 
+    def health(self) -> tuple[str | None, list[str]]:
+        """(failure, warnings). ``failure``: why this worker cannot do its job and a restart is the
+        remedy (it died; or it has had no partitions while its group is joining for longer than
+        ``unassigned_limit_s``: a member the group never gave an assignment); None when fine.
+        ``warnings``: degraded but serving (records parked: the dead-letter topic is not writable);
+        a restart would not help, so they never fail the health check."""
+        if self.error is not None:
+            return f"worker {self.replica_id} failed: {self.error!r}", []
+        if not self._running.is_set():
+            return f"worker {self.replica_id}: its thread is not running", []
+        warnings = [p] if self.sink is not None and (p := self.sink.problem()) else []
+        stuck = self.source.stuck_joining() if self.source is not None else None
+        return (f"worker {self.replica_id}: {stuck}" if stuck else None), warnings
+
     # ---- control from other threads -----------------------------------------------------------
     def set_exit_policy(self, exit_settings: ExitSettings) -> None:
         """Swap the exit rule (thread-safe; takes effect at the engine's next step). Raises
@@ -151,9 +164,12 @@ class Worker:
         self.source = KafkaSource(k, self.tracker, client_id=f"elbert-{self.replica_id}",
                                   on_revoke=self._on_revoke, transactional=eos)
         if eos:
+            from elbert_stream.stream.identity import transactional_id
             from elbert_stream.stream.transactions import TransactionalSink
 
             self.sink = TransactionalSink(k, self.tracker, replica_id=self.replica_id,
+                                          transactional_id=transactional_id(k.transactional_id_prefix,
+                                                                            self.identity),
                                           client_id=f"elbert-{self.replica_id}")
         else:
             self.sink = KafkaSink(k, self.tracker, replica_id=self.replica_id,
@@ -166,6 +182,8 @@ class Worker:
     def _iteration(self) -> None:
         assert self.source is not None and self.sink is not None  # set by _open
         self.sink.raise_failures()
+        self.sink.retry_parked()
+        self.source.hold(self.sink.blocked())
         self._take_jobs()
         self._feed()
         if self._backlog:
@@ -270,15 +288,8 @@ class Worker:
     def _take_jobs(self) -> None:
         with self._jobs_lock:
             jobs, self._jobs = list(self._jobs), deque()
-        for job in jobs:
-            results = self._tokenize(job.texts)
-            bad = next((i for i, r in enumerate(results) if isinstance(r, BadMessage)), None)
-            if bad is not None:
-                job.fail(results[bad], bad)  # type: ignore[arg-type]
-                continue
-            reqs = [Request(ids, text=t, meta=SyncRef(job, i))  # type: ignore[arg-type]
-                    for i, (t, ids) in enumerate(zip(job.texts, results, strict=True))]
-            self._backlog.extendleft(reversed(reqs))  # ahead of Kafka work: a caller is waiting
+        for job in jobs:  # ahead of Kafka work: a caller is waiting
+            self._backlog.extendleft(reversed(job_requests(job, self._tokenize)))
 
     def _on_revoke(self, tps: set[TopicPartition]) -> None:
         """Called on the consumer's IO thread: only record; ``_apply_revokes`` runs on the loop."""
@@ -295,6 +306,8 @@ class Worker:
         if tps:
             self._backlog = deque(r for r in self._backlog if isinstance(r.meta, SyncRef)
                                   or TopicPartition(r.meta.topic, r.meta.partition) not in tps)
+            if self.sink is not None:
+                self.sink.parking.release(tps)
 
     def _drain(self) -> None:
         """Finish backlog and busy slots (until the deadline), flush, commit."""
@@ -335,7 +348,7 @@ class Worker:
         transaction of outputs and offsets."""
         assert self.source is not None and self.sink is not None
         if self._cadence.due(force):
-            self.sink.commit(self.source)
+            self.sink.commit(self.source, blocking=force)
 
     def _close_source(self) -> None:
         if self.source is not None:
@@ -350,12 +363,7 @@ class Worker:
             self._loop.set_engine(self.engine.stats(), now)
         if self.source is not None and (now - self._loop.lag_at >= LAG_EVERY_S
                                         or len(self.source.consumer.assignment()) != len(self._loop.lag())):
-            self._loop.set_lag(self.source.lag(), self._total_partitions(), now)
-
-    def _total_partitions(self) -> int:
-        assert self.source is not None
-        parts = [self.source.consumer.partitions_for_topic(t) or () for t in self.settings.kafka.input_topics]
-        return sum(len(p) for p in parts)
+            self._loop.set_lag(self.source.lag(), self.source.total_partitions(), now)
 
     def stats(self) -> dict[str, Any]:
         """Counters, rates and the autoscaler's inputs (see docs/streaming.md); cheap, any thread."""
@@ -369,6 +377,9 @@ class Worker:
             dead_letter_reasons={k.split(".", 1)[1]: v for k, v in counts.items()
                                  if k.startswith("dead_letter.")},
             backlog=len(self._backlog), paused=bool(source and source.paused),
+            held_partitions=sorted(f"{t}[{p}]" for t, p in source.held) if source is not None else [],
+            parked=sink.num_parked if sink is not None else 0,
+            problems=[p for p in (self.health()[0], *self.health()[1]) if p],
             produce_in_flight=sink.in_flight if sink is not None else 0,
             pending_offsets=self.tracker.total_pending(),
             num_commits=source.num_commits if source is not None else 0,
@@ -389,4 +400,5 @@ class Worker:
                                      sum(lag.values()) if lag else None)
         return StatsSnapshot(busy_slots=s["num_busy"], queue_depth=s["num_waiting"] + len(self._backlog),
                              pending_layer_work=pending, layer_steps=s["engine"].get("num_layer_rows", 0),
-                             consumer_lag=lag)
+                             consumer_lag=lag, parked_records=self.sink.num_parked if self.sink else 0,
+                             held_partitions=len(self.source.held) if self.source else 0)

@@ -287,6 +287,10 @@ class Telemetry:
             ("elbert_busy_slots", "busy_slots", "{slot}", "occupied engine slots"),
             ("elbert_queue_depth", "queue_depth", "{request}", "requests waiting for a slot"),
             ("elbert_pending_layer_work", "pending_layer_work", "{layer}", "expected layer work left"),
+            ("elbert_parked_records", "parked_records", "{record}",
+             "records not writable yet (e.g. dead-letter topic refused), retried with backoff"),
+            ("elbert_held_partitions", "held_partitions", "{partition}",
+             "input partitions paused behind parked records"),
         ):
             meter.create_observable_gauge(name, [self._observe(attr)], unit, doc)
         meter.create_observable_gauge(

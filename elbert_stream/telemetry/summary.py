@@ -33,6 +33,8 @@ class StatsSnapshot:
     pending_layer_work: float = 0.0  # expected sample-layer applications still to run (queued + in flight)
     layer_steps: int = 0  # sample-layer applications since start (one per busy slot per engine step)
     consumer_lag: Mapping[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) -> lag
+    parked_records: int = 0  # records that could not be written yet (sink.py), retried with backoff
+    held_partitions: int = 0  # input partitions paused behind a parked record
 
 
 StatsSource = Callable[[], StatsSnapshot]

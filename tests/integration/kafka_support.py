@@ -37,11 +37,13 @@ class Record:
 
 
 def produce(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes | None, dict[str, bytes]]],
-            **config: Any) -> list[Record]:
-    """Send (key, value, headers) items; returns each as a Record at the position the broker gave it."""
+            partition: int | None = None, **config: Any) -> list[Record]:
+    """Send (key, value, headers) items (to ``partition``, default by key); returns each as a Record at
+    the position the broker gave it."""
     producer = KafkaProducer(**{"bootstrap_servers": bootstrap, "acks": "all", "linger_ms": 5, **config})
     try:
-        futs = [producer.send(topic, key=k, value=v, headers=list(h.items())) for k, v, h in items]
+        futs = [producer.send(topic, key=k, value=v, headers=list(h.items()), partition=partition)
+                for k, v, h in items]
         producer.flush()
         out = []
         for (k, v, h), fut in zip(items, futs, strict=True):

@@ -19,7 +19,7 @@ from elbert_stream.stream.offsets import CommitCadence, OffsetTracker, TopicPart
 from elbert_stream.stream.records import InputMessage, output_record
 from elbert_stream.stream.sink import DeliveryError, KafkaSink
 from elbert_stream.stream.source import KafkaSource
-from elbert_stream.testing.broker import EmbeddedBroker
+from elbert_stream.testing.broker import EmbeddedBroker, create_topics
 from elbert_stream.types import DepthTrace, Prediction
 
 pytestmark = pytest.mark.integration
@@ -38,6 +38,15 @@ def poll_until(source: KafkaSource, n: int, timeout_s: float = 30.0) -> list[Inp
     while len(got) < n and time.monotonic() < deadline:
         got += source.poll(200)
     return got
+
+
+def group_offsets(bootstrap: str, group: str, tps: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+    """The group's committed offsets of ``tps``, read by a fresh consumer."""
+    check = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return {tp: check.committed(KTopicPartition(*tp)) for tp in tps}
+    finally:
+        check.close(autocommit=False)
 
 
 def prediction(num_labels: int = 5) -> Prediction:
@@ -159,7 +168,7 @@ def test_commit_only_finished_offsets_on_interval(kafka_bootstrap: str, topics: 
                 tracker.done((m.topic, m.partition), m.offset, m.epoch)
         assert not cadence.due()  # interval not reached
         assert cadence.due(force=True)
-        done = sink.commit(source)
+        done = sink.commit(source, blocking=True)
     finally:
         sink.close(1)
         source.close()
@@ -168,12 +177,7 @@ def test_commit_only_finished_offsets_on_interval(kafka_bootstrap: str, topics: 
         offsets = sorted(m.offset for m in msgs if m.partition == p)
         want[TopicPartition(topics["input"], p)] = 1 if 1 in offsets else offsets[-1] + 1
     assert done == want
-    check = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=topics["group"],
-                          enable_auto_commit=False)
-    try:
-        assert {tp: check.committed(KTopicPartition(*tp)) for tp in want} == want
-    finally:
-        check.close(autocommit=False)
+    assert group_offsets(kafka_bootstrap, topics["group"], want) == want
 
 
 def test_dead_letter_of_an_oversized_value_omits_the_value(kafka_bootstrap: str,
@@ -192,6 +196,54 @@ def test_dead_letter_of_an_oversized_value_omits_the_value(kafka_bootstrap: str,
     assert dead.headers["elbert.value_omitted"] == b"1500000 bytes"
     assert dead.headers["elbert.reason"] == b"too_large"
     assert tracker.committable() == {TopicPartition(topics["input"], 0): 1}
+
+
+def fresh_topics(bootstrap: str, stem: str, partitions: int = 4) -> dict[str, str]:
+    stem = f"{stem}-{time.monotonic_ns() % 10**9}"
+    names = {"input": f"{stem}-in", "output": f"{stem}-out", "dead": f"{stem}-dlq", "group": f"{stem}-g"}
+    create_topics(bootstrap, [names["input"], names["output"], names["dead"]], partitions)
+    return names
+
+
+@pytest.mark.parametrize("broker", ["kafka_bootstrap", "noida_bootstrap"])
+def test_a_member_busy_between_polls_still_joins(broker: str, request: pytest.FixtureRequest) -> None:
+    """The worker polls with timeout 0 while the engine is busy. kafka-python 3.0 drops a join whose
+    answer arrives between two polls (``kafka_internals.joining_group``): a bare consumer doing this
+    never gets an assignment. ``KafkaSource.poll`` waits for a pending join, so it does."""
+    bootstrap = request.getfixturevalue(broker)
+    topics = fresh_topics(bootstrap, "busyjoin")
+    source = KafkaSource(kafka_settings(bootstrap, topics), OffsetTracker())
+    polls = 0
+    try:
+        deadline = time.monotonic() + 30
+        while not source.assignment() and time.monotonic() < deadline:
+            source.poll(0)
+            polls += 1
+            time.sleep(0.05)  # an engine step between polls
+        assert len(source.assignment()) == 4, f"no assignment after {polls} polls"
+        assert source.unassigned_since is None and source.stuck_joining() is None
+    finally:
+        source.close()
+    print(f"[{broker}] busy member joined after {polls} polls")
+
+
+def test_periodic_commit_is_asynchronous_and_lands(kafka_bootstrap: str, topics: dict[str, str]) -> None:
+    """The loop's commit sends and returns (a coordinator that does not answer never blocks it); the
+    answer is taken on a later poll; at most one commit is in flight."""
+    produce(kafka_bootstrap, topics["input"], [(None, f"a{i}".encode(), {}) for i in range(8)])
+    tracker = OffsetTracker()
+    source = KafkaSource(kafka_settings(kafka_bootstrap, topics), tracker)
+    try:
+        for m in poll_until(source, 8):
+            tracker.done((m.topic, m.partition), m.offset, m.epoch)
+        offsets = tracker.committable()
+        assert source.commit(offsets) == offsets and source.num_commits == 0  # sent, not answered yet
+        assert source.commit(offsets) == {}  # one in flight at a time
+        assert wait_for(lambda: source.poll(10) == [] and source.num_commits == 1, 20)
+        assert tracker.committable() == {}  # recorded as committed
+    finally:
+        source.close()
+    assert group_offsets(kafka_bootstrap, topics["group"], offsets) == offsets
 
 
 def _cli(args: list[str], bootstrap: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

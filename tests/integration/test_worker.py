@@ -355,3 +355,65 @@ def test_exactly_once_kill_and_restart_has_no_duplicates(kafka_bootstrap: str, t
                    < killed_ms for v in doubled if all(k == "out" for k, _ in v))
         pytest.xfail(f"{duplicates} answers of the killed run's aborted transaction are visible on Tansu")
     assert duplicates == 0
+
+
+def test_unwritable_dead_letter_topic_holds_only_its_partition_and_recovers(noida_bootstrap: str,
+                                                                           tiny_model_dir: Path) -> None:
+    """A dead-letter topic the broker refuses (here: max.message.bytes below any dead letter, on
+    noida-db, which enforces it; Tansu does not) must not stop the stream nor crash-loop the fleet:
+    the worker stays up, holds only the partition of the refused dead letter (nothing committed past
+    it), serves the others, says why in its health warnings and stats, and recovers by itself once
+    the topic is writable."""
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
+
+    stem = f"dlqfull-{time.monotonic_ns() % 10**9}"
+    topics = {"input": f"{stem}-in", "output": f"{stem}-out", "dead": f"{stem}-dlq", "group": f"{stem}-g"}
+    admin = KafkaAdminClient(bootstrap_servers=noida_bootstrap)
+    admin.create_topics([NewTopic(topics["input"], 4, 1), NewTopic(topics["output"], 4, 1),
+                         NewTopic(topics["dead"], 1, 1, topic_configs={"max.message.bytes": "64"})])
+    settings = worker_settings(noida_bootstrap, topics, tiny_model_dir, kafka={"retry_backoff_max_s": 1.0})
+    good = texts(40, "flow")  # partition 0: good, bad, then more good; partitions 1-3: good
+    produce(noida_bootstrap, topics["input"], [(None, good[0], {})], partition=0)
+    produce(noida_bootstrap, topics["input"], [(b"bad", b"caf\xe9 \xff", {})], partition=0)
+    produce(noida_bootstrap, topics["input"], [(None, t, {}) for t in good[1:10]], partition=0)
+    for p in (1, 2, 3):
+        produce(noida_bootstrap, topics["input"], [(None, t, {}) for t in good[10 * p:10 * p + 10]],
+                partition=p)
+    reader = Reader(noida_bootstrap, [topics["output"], topics["dead"]])
+    try:
+        with running(settings, "dlq") as worker:
+            # every good input is answered (those of partition 0 sent before the refusal came back too)
+            assert wait_for(lambda: reader.poll() >= 0 and len(reader.records[topics["output"]]) >= 39, 90)
+            assert wait_for(lambda: worker.stats()["parked"] >= 1, 30)
+            # more input: partition 1's is answered, partition 0's waits behind the parked dead letter
+            more = texts(10, "later")
+            produce(noida_bootstrap, topics["input"], [(None, t, {}) for t in more[:5]], partition=0)
+            produce(noida_bootstrap, topics["input"], [(None, t, {}) for t in more[5:]], partition=1)
+            assert wait_for(lambda: reader.poll() >= 0 and len(reader.records[topics["output"]]) >= 44, 60)
+            time.sleep(2.0)  # a few retries, all refused
+            reader.poll(200)
+            stats = worker.stats()
+            failure, warnings = worker.health()
+            by_input = Counter(OutputRecord.from_bytes(r.value or b"").partition
+                               for r in reader.records[topics["output"]])
+            assert failure is None and worker.alive()
+            assert stats["held_partitions"] == [f"{topics['input']}[0]"], stats["held_partitions"]
+            assert len(warnings) == 1 and topics["dead"] in warnings[0], warnings
+            assert "MessageSizeTooLarge" in warnings[0], warnings
+            assert by_input == {0: 10, 1: 15, 2: 10, 3: 10}, by_input  # nothing of partition 0 since
+            assert not reader.records[topics["dead"]]
+            done = committed(noida_bootstrap, topics["group"], topics["input"], 4)
+            assert (done[0] or 0) <= 1, f"committed past the parked dead letter: {done}"
+            admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topics["dead"],
+                                                configs={"max.message.bytes": "1000000"})])
+            assert wait_for(lambda: reader.poll() >= 0 and len(reader.records[topics["output"]]) >= 50
+                            and len(reader.records[topics["dead"]]) >= 1, 60), worker.stats()["problems"]
+            assert wait_for(lambda: worker.stats()["parked"] == 0 and not worker.health()[1], 10)
+            assert worker.stats()["held_partitions"] == []
+        (dead,) = reader.records[topics["dead"]]
+        assert dead.key == b"bad" and dead.value == b"caf\xe9 \xff"  # the original bytes, not omitted
+        assert dead.headers["elbert.reason"] == b"not_utf8"
+        assert committed(noida_bootstrap, topics["group"], topics["input"], 4) == {0: 16, 1: 15, 2: 10, 3: 10}
+    finally:
+        reader.close()
+        admin.close()
