@@ -54,7 +54,8 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-4
     head_lr: float = 1e-3
-    depth_lr: float = 1e-2
+    depth_lr: float = 1e-2  # constant: no warmup/decay (the authors' way)
+    depth_with_encoder: bool = False  # True: t follows the encoder's warmup/decay and clip (pre-#12)
     weight_decay: float = 0.01
     warmup: float = 0.06
     trim_vocab: bool = False
@@ -136,7 +137,12 @@ def init_model(
 def make_optimizer(
     model: ElbertModel, cfg: TrainConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW: encoder (lr), exit head (head_lr), depth logits t (depth_lr, no decay); linear warmup/decay."""
+    """AdamW: encoder (lr), exit head (head_lr), depth logits t (depth_lr, no decay), in that group order.
+
+    Encoder and head: linear warmup over ``warmup * total_steps`` steps, then linear decay to 0. The
+    depth logits keep ``depth_lr`` constant, as in the ELBERT authors' code (shakeley/ELBERT
+    ``run_glue.py`` adds their group after the scheduler is built), unless ``depth_with_encoder``.
+    """
     head = {id(p) for m in (model.pooler, model.classifier) for p in m.parameters()}
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "head": []}
     for name, p in model.named_parameters():
@@ -153,7 +159,21 @@ def make_optimizer(
         ]
     )
     warm = max(1, int(cfg.warmup * total_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm)))
-    )
+
+    def warmup_decay(s: int) -> float:
+        return min((s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm)))
+
+    def constant(s: int) -> float:
+        return 1.0
+
+    depth = warmup_decay if cfg.depth_with_encoder else constant
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [warmup_decay, warmup_decay, warmup_decay, depth])
     return opt, sched
+
+
+def clipped_parameters(model: ElbertModel, cfg: TrainConfig) -> list[nn.Parameter]:
+    """The parameters whose gradient norm is clipped (to 1.0) together: all but the depth logits,
+    whose gradient the authors leave unclipped, unless ``depth_with_encoder``."""
+    if cfg.depth_with_encoder:
+        return list(model.parameters())
+    return [p for p in model.parameters() if p is not model.depth_logits]

@@ -2,9 +2,10 @@
 
 The loss is ELBERT's: ``sum_i w_i * CE_i`` over depths ``i = 1..L``, with ``w_i = sigmoid(t_i)`` for
 ``i < L`` and ``w_L = L - sum_{i<L} w_i`` (``ElbertModel.depth_weights``); ``t`` are learned, in their
-own optimizer group with their own learning rate. Training is deterministic in ``--seed``, shows a
-progress bar, reports validation accuracy per depth after every epoch, and checkpoints model +
-optimizer + step so ``--resume`` continues an interrupted run exactly.
+own optimizer group with their own constant learning rate and outside the encoder's gradient clip,
+as the ELBERT authors train them (``make_optimizer``, ``clipped_parameters``). Training is
+deterministic in ``--seed``, shows a progress bar, reports validation accuracy per depth after every
+epoch, and checkpoints model + optimizer + step so ``--resume`` continues an interrupted run exactly.
 
 Initialisation (``--init``): an ALBERT checkpoint dir, a named small config trained from scratch
 (``albert-tiny``/``albert-small``; tokenizer from ``--tokenizer`` or a SentencePiece model trained
@@ -28,7 +29,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from elbert_stream.engine.model import ElbertModel
 from elbert_stream.training.data import load_dataset, stratified_split, write_split
-from elbert_stream.training.recipe import RECIPES, TrainConfig, init_model, make_optimizer
+from elbert_stream.training.recipe import (
+    RECIPES,
+    TrainConfig,
+    clipped_parameters,
+    init_model,
+    make_optimizer,
+)
 from elbert_stream.training.scoring import all_depth_probs, choose_exit_defaults, depth_accuracy, encode
 
 log = logging.getLogger(__name__)
@@ -131,7 +138,7 @@ def _step(cfg: TrainConfig, model: ElbertModel, opt: Any, sched: Any, batch: tup
     loss, ce = elbert_loss(logits, labels, model.depth_weights())
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    nn.utils.clip_grad_norm_(clipped_parameters(model, cfg), 1.0)
     opt.step()
     sched.step()
     return loss.detach(), ce

@@ -84,10 +84,8 @@ def test_serve_schema_accepts(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_user_config_is_valid_settings(name: str) -> None:
     """The replica deep-merges user_config on env settings and rejects unknown keys."""
-    merge_settings = pytest.importorskip(
-        "elbert_stream.serve.deployment", reason="elbert_stream/serve/deployment.py not in the tree yet"
-    ).merge_settings
     from elbert_stream.config import Settings
+    from elbert_stream.serve.deployment import merge_settings
 
     settings = merge_settings(Settings(), worker_deployment(load(name))["user_config"])
     assert settings.kafka.input_topics == ["elbert-input"]

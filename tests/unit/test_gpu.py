@@ -15,7 +15,6 @@ from elbert_stream.config import EngineSettings, ExitSettings
 from elbert_stream.engine.engine import Engine
 from elbert_stream.engine.model import ElbertModel, load_tokenizer, shipped_model_dir
 from elbert_stream.engine.policy import ExitPolicy
-from elbert_stream.errors import ModelLoadError
 from elbert_stream.types import Request
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -41,10 +40,7 @@ def _labels(device: str, dtype: torch.dtype, policy_name: str,
 def bbc_ids() -> list[list[int]]:
     from bench.harness import bench_texts
 
-    try:
-        tok = load_tokenizer(shipped_model_dir())
-    except ModelLoadError as e:
-        pytest.skip(f"no shipped model: {e}")
+    tok = load_tokenizer(shipped_model_dir())  # package data: missing is a failure, not a skip
     texts = bench_texts()[:NUM_TEXTS]
     return [list(x) for x in tok(texts, truncation=True, max_length=128)["input_ids"]]
 

@@ -32,14 +32,78 @@ def test_depth_weights_formula() -> None:
     assert w.sum().item() == pytest.approx(4.0, abs=1e-5)
 
 
-def test_depth_logits_init_and_own_learning_rate() -> None:
+def _lr_per_step(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                 steps: int) -> list[list[float]]:
+    """The learning rate of each param group at steps 0..steps-1 (optimizer steps on zero grads)."""
+    lrs = []
+    for _ in range(steps):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_depth_logits_init_and_own_constant_learning_rate() -> None:
     from elbert_stream.training.recipe import make_optimizer
 
     model = tiny_model(num_layers=5)
     assert model.depth_logits.tolist() == [4.0] * 4
-    opt, _ = make_optimizer(model, TrainConfig(lr=1e-4, head_lr=1e-3, depth_lr=0.05), total_steps=10)
-    groups = [g for g in opt.param_groups if any(p is model.depth_logits for p in g["params"])]
-    assert len(groups) == 1 and len(groups[0]["params"]) == 1 and groups[0]["lr"] == pytest.approx(0.05 / 1)
+    cfg = TrainConfig(lr=1e-4, head_lr=1e-3, depth_lr=0.05, warmup=0.4)
+    opt, sched = make_optimizer(model, cfg, total_steps=10)  # warmup: 4 steps, then decay over 6
+    def group_of(param: torch.nn.Parameter) -> int:
+        (i,) = [i for i, g in enumerate(opt.param_groups) if any(p is param for p in g["params"])]
+        return i
+
+    depth, encoder = group_of(model.depth_logits), group_of(model.embeddings.word_embeddings.weight)
+    assert opt.param_groups[depth]["params"] == [model.depth_logits]
+    lrs = _lr_per_step(opt, sched, 10)
+    factor = [min((s + 1) / 4, (10 - s) / 6) for s in range(10)]  # 0.25 0.5 0.75 1 (peak) then down
+    assert [lr[encoder] for lr in lrs] == pytest.approx([1e-4 * f for f in factor])
+    assert [lr[depth] for lr in lrs] == pytest.approx([0.05] * 10)  # the authors': no warmup, no decay
+
+
+def test_depth_with_encoder_puts_the_depth_logits_on_the_encoder_schedule() -> None:
+    from elbert_stream.training.recipe import make_optimizer
+
+    model = tiny_model(num_layers=3)
+    cfg = TrainConfig(lr=1e-4, depth_lr=0.05, warmup=0.4, depth_with_encoder=True)
+    opt, sched = make_optimizer(model, cfg, total_steps=10)
+    lrs = _lr_per_step(opt, sched, 10)
+    assert [lr[-1] for lr in lrs] == pytest.approx([0.05 * lr[0] / 1e-4 for lr in lrs])
+
+
+@pytest.mark.parametrize("with_encoder", [False, True])
+def test_grad_norm_clip_leaves_the_depth_gradient_alone(with_encoder: bool) -> None:
+    """A huge encoder gradient is clipped to norm 1; the depth logits' gradient is not scaled with it
+    (the authors' way), unless ``depth_with_encoder``."""
+    from elbert_stream.training.recipe import make_optimizer
+    from elbert_stream.training.train import _step
+
+    model = tiny_model(num_layers=3).train()
+    cfg = TrainConfig(depth_with_encoder=True) if with_encoder else TrainConfig()  # default: the authors'
+    opt, sched = make_optimizer(model, cfg, total_steps=4)
+    others = [p for p in model.parameters() if p is not model.depth_logits]
+    for p in others:
+        p.register_hook(lambda g: g * 1e6)
+    raw: list[torch.Tensor] = []
+    model.depth_logits.register_hook(lambda g: raw.append(g.clone()))
+    seen: dict[str, torch.Tensor] = {}
+
+    def before_step(*_: object) -> None:  # the gradients opt.step() uses, after clipping
+        seen["depth"] = model.depth_logits.grad.clone()
+        norms = torch.stack([torch.linalg.vector_norm(p.grad) for p in others])
+        seen["others"] = torch.linalg.vector_norm(norms)
+
+    opt.register_step_pre_hook(before_step)
+    ids = torch.randint(5, 60, (4, 7))
+    _step(cfg, model, opt, sched, (ids, torch.ones_like(ids), torch.tensor([0, 1, 2, 1])), step=0)
+    assert raw[0].abs().sum() > 0
+    if with_encoder:  # clipped together: the encoder's huge norm shrinks t's gradient to ~nothing
+        assert seen["others"].item() <= 1.0 + 1e-4
+        assert seen["depth"].abs().max() < 1e-3 * raw[0].abs().max()
+    else:
+        assert seen["others"].item() == pytest.approx(1.0, rel=1e-4)
+        torch.testing.assert_close(seen["depth"], raw[0], rtol=0, atol=0)
 
 
 def test_elbert_loss_is_weighted_sum_of_per_depth_ce_and_reaches_t() -> None:
