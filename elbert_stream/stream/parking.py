@@ -48,9 +48,17 @@ class ParkingLot:
         # partitions whose parked head was sent again and not yet answered: still held (the answer
         # comes on the producer's IO thread: ``delivered`` or, refused again, ``park``)
         self._retrying: dict[TopicPartition, tuple[str, int, int]] = {}
+        self._refusals: dict[TopicPartition, tuple[str, str, float]] = {}  # (topic, error, since)
         self._lock = threading.Lock()
 
-    def holds(self, tp: TopicPartition) -> bool:
+    def holds(self, msg: InputMessage) -> bool:
+        """Whether a record for ``msg`` must queue: one of its partition is parked, or is being tried
+        again (unless it is that very try: a dead letter's chain, its value omitted, is one try)."""
+        tp = TopicPartition(msg.topic, msg.partition)
+        with self._lock:
+            trying = self._retrying.get(tp)
+        if trying is not None:
+            return trying != (msg.topic, msg.partition, msg.offset)
         return any(p.partition == tp for p in self.items)
 
     def queue(self, msg: InputMessage, topic: str, resend: Callable[[], None]) -> None:
@@ -60,10 +68,12 @@ class ParkingLot:
     def park(self, msg: InputMessage, topic: str, resend: Callable[[], None], error: str) -> None:
         now = time.monotonic()
         key = (msg.topic, msg.partition, msg.offset)
-        with self._lock:
-            self._retrying.pop(TopicPartition(msg.topic, msg.partition), None)
+        tp = TopicPartition(msg.topic, msg.partition)
         attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
-        self._since.setdefault(key, now)
+        since = self._since.setdefault(key, now)
+        with self._lock:
+            self._retrying.pop(tp, None)
+            self._refusals[tp] = (topic, error, since)
         due = now + min(self.backoff_max_s, FIRST_RETRY_S * 2 ** (attempts - 1))
         first = not any(p.topic == topic and p.error for p in self.items)
         self.items = [*self.items, Parked(msg, topic, resend, error, due)]
@@ -73,23 +83,34 @@ class ParkingLot:
                       "%.1fs (attempt %d)", topic, error, msg.where, due - now, attempts)
 
     def take_due(self, is_current: Callable[[InputMessage], bool]) -> list[Parked]:
-        """Remove and return, in order, every record of the partitions whose parked head is due (the
-        caller sends them again; what is still refused comes back through ``park``/``queue``).
+        """Remove and return, in order, what to send again now (the caller sends; what is still
+        refused comes back through ``park``, what lands behind it through ``queue``): per partition,
+        its refused head once its backoff passed and no earlier try of it is in flight (the rest
+        waits for that try's answer), or, once the head got through, everything queued behind it.
         Records of partitions no longer assigned are dropped: their new owner redoes them."""
         now = time.monotonic()
+        items = [p for p in self.items if is_current(p.msg) or self._forget(p.msg)]
+        with self._lock:
+            in_flight = set(self._retrying)
+        heads: dict[TopicPartition, Parked] = {}  # each partition's refused record (a refusal comes back
+        for p in items:  # at the end, behind what queued meanwhile: it still goes first)
+            if p.error:
+                heads.setdefault(p.partition, p)
         keep: list[Parked] = []
         out: list[Parked] = []
-        decided: dict[TopicPartition, bool] = {}
-        for p in self.items:
-            if not is_current(p.msg):
-                self._forget(p.msg)
+        for p in items:
+            tp = p.partition
+            head = heads.get(tp)
+            if tp in in_flight or (head is not None and (p is not head or head.due_s > now)):
+                keep.append(p)  # waits: for the try in flight, or behind its refused head
                 continue
-            if p.partition not in decided:
-                decided[p.partition] = go = p.due_s <= now
-                if go:
-                    with self._lock:
-                        self._retrying[p.partition] = (p.msg.topic, p.msg.partition, p.msg.offset)
-            (out if decided[p.partition] else keep).append(p)
+            if head is not None:  # the head, due: one try; the rest waits for its answer
+                with self._lock:
+                    self._retrying[tp] = (p.msg.topic, p.msg.partition, p.msg.offset)
+                in_flight.add(tp)
+            out.append(p)
+        if heads or out:
+            keep.sort(key=lambda p: (p is not heads.get(p.partition), p.msg.offset))
         self.items = keep
         return out
 
@@ -101,12 +122,15 @@ class ParkingLot:
         with self._lock:
             if self._retrying.get(tp) == key:
                 del self._retrying[tp]
+                self._refusals.pop(tp, None)
         self._forget(msg)
 
-    def _forget(self, msg: InputMessage) -> None:
+    def _forget(self, msg: InputMessage) -> bool:
+        """Drop what is known of ``msg``'s refusals; False (so it filters in a comprehension)."""
         key = (msg.topic, msg.partition, msg.offset)
         self._attempts.pop(key, None)
         self._since.pop(key, None)
+        return False
 
     def blocked(self) -> set[TopicPartition]:
         with self._lock:
@@ -118,19 +142,19 @@ class ParkingLot:
         with self._lock:
             for tp in tps:
                 self._retrying.pop(tp, None)
+                self._refusals.pop(tp, None)
 
     def problem(self) -> str | None:
-        """What is parked, where and why; None when nothing is."""
-        items = self.items
-        refused = [p for p in items if p.error]
-        if not items:
+        """What is refused, where and why; None when nothing is."""
+        with self._lock:
+            refusals = dict(self._refusals)
+        if not refusals:
             return None
-        head = refused[0] if refused else items[0]
-        key = (head.msg.topic, head.msg.partition, head.msg.offset)
-        waited = time.monotonic() - self._since.get(key, time.monotonic())
-        topics = sorted({p.topic for p in refused})
-        parts = sorted({f"{p.msg.topic}[{p.msg.partition}]" for p in items})
-        return (f"{len(items)} record(s) for topic(s) {topics} not written for {waited:.0f}s "
-                f"({head.error or 'queued'}); input partitions {parts} held (nothing committed past them), "
-                f"retrying with backoff up to {self.backoff_max_s:g}s: make the topic writable (exists, "
-                "this principal may write, max.message.bytes) and the stream resumes by itself")
+        since = min(v[2] for v in refusals.values())
+        topics = sorted({v[0] for v in refusals.values()})
+        error = next(iter(refusals.values()))[1]
+        parts = sorted(f"{t}[{p}]" for t, p in refusals)
+        return (f"topic(s) {topics} refused records for {time.monotonic() - since:.0f}s ({error}); input "
+                f"partitions {parts} held ({len(self.items)} record(s) waiting, nothing committed past "
+                f"them), retrying with backoff up to {self.backoff_max_s:g}s: make the topic writable "
+                "(exists, this principal may write, max.message.bytes) and the stream resumes by itself")

@@ -103,8 +103,12 @@ class KafkaSink:
                                "compression_type": None if settings.compression_type == "none"
                                else settings.compression_type}
         cfg.update(producer_overrides)
-        with explain_bootstrap(settings, "producer"):
-            self.producer = KafkaProducer(**client_config(settings), client_id=client_id, **cfg)
+        self._producer_config = {**client_config(settings), "client_id": client_id, **cfg}
+        self.producer = self._new_producer()
+
+    def _new_producer(self) -> KafkaProducer:
+        with explain_bootstrap(self.settings, "producer"):
+            return KafkaProducer(**self._producer_config)
 
     @property
     def in_flight(self) -> int:
@@ -154,7 +158,7 @@ class KafkaSink:
               retry: tuple[str, str, Headers | None] | None = None, *, omitted: bool = False) -> None:
         """Send one record, or park it (``parking.py``): behind a parked record of its partition, or
         when ``send`` blocked past ``max_block_ms`` (metadata unknown, buffer full)."""
-        if self.parking.holds(TopicPartition(msg.topic, msg.partition)):
+        if self.parking.holds(msg):
             self.parking.queue(msg, topic, self._resend(topic, msg, value, key, headers, outcome, retry))
             return
         with self._lock:

@@ -13,8 +13,12 @@ Records beyond the prefix stay held (memory is bounded by the worker's in-flight
 revoke listener must not commit offsets on its own in this mode (``KafkaSource(transactional=True)``);
 held records of revoked partitions are dropped (``drop``), their new owner redoes them from the group's
 committed offset (also when the new owner is this replica: the source then reads again from there).
-Any failure in a transaction is fatal (``DeliveryError``): the worker stops, nothing of it becomes
-visible.
+A dead letter the broker refuses inside a transaction (topic missing, not authorised,
+``max.message.bytes``) aborts that transaction and is not fatal: its records are held again, the
+partitions of the refused dead letters are held back (``blocked``; the worker pauses them) and left out
+of the next transactions until their backoff passes, then retried, until the topic takes them (the
+same contract as ``sink.py``'s parked records). Any other failure in a transaction is fatal
+(``DeliveryError``): the worker stops, nothing of it becomes visible.
 
 Not verifiable on Tansu 0.6: it shows aborted records to ``read_committed`` readers and does not
 fence a zombie producer (docs/streaming.md).
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +39,7 @@ from kafka.structs import OffsetAndMetadata
 from elbert_stream.config import KafkaSettings
 from elbert_stream.stream.kafka_internals import commit_transaction, send_offsets_to_transaction, wake_sender
 from elbert_stream.stream.offsets import OffsetTracker, TopicPartition
+from elbert_stream.stream.parking import FIRST_RETRY_S
 from elbert_stream.stream.records import Headers, InputMessage
 from elbert_stream.stream.sink import DeliveryError, KafkaSink
 from elbert_stream.stream.source import KafkaSource
@@ -49,6 +55,7 @@ class _Held:
     headers: Headers
     outcome: str
     source: tuple[str, int, int]  # the input's topic, partition, offset
+    epoch: int  # the input partition's assignment epoch (OffsetTracker)
 
 
 class TransactionalSink(KafkaSink):
@@ -67,6 +74,8 @@ class TransactionalSink(KafkaSink):
         # inputs of transactions that failed before they completed: the broker finishes or aborts each
         # one, records and offsets together, when this transactional id starts again
         self.in_doubt: set[tuple[str, int, int]] = set()
+        # partitions whose dead letter the broker refused: (retry from, attempts, error, since)
+        self._refused: dict[TopicPartition, tuple[float, int, str, float]] = {}
         self.producer.init_transactions()
 
     @property
@@ -84,7 +93,8 @@ class TransactionalSink(KafkaSink):
         with self._held_lock:  # a result of a revoked (forgotten) assignment is not held: never sent
             if self.tracker.done(tp, msg.offset, msg.epoch):
                 self._held.setdefault(tp, {}).setdefault(msg.offset, []).append(
-                    _Held(topic, value, key, headers, outcome, (msg.topic, msg.partition, msg.offset)))
+                    _Held(topic, value, key, headers, outcome, (msg.topic, msg.partition, msg.offset),
+                          msg.epoch))
 
     def drop(self, tps: set[TopicPartition]) -> None:
         """Forget held records of revoked partitions and, under the same lock, their tracked offsets
@@ -92,23 +102,28 @@ class TransactionalSink(KafkaSink):
         with self._held_lock:
             for tp in tps:
                 self._held.pop(tp, None)
+                self._refused.pop(tp, None)
             self.tracker.forget(tps)
 
     def commit(self, source: KafkaSource, *, blocking: bool = True) -> dict[TopicPartition, int]:
         """One transaction: held records of the ready prefix + the prefix ends as group offsets
         (always waited for, each step within ``delivery_timeout_ms``; ``blocking`` is ignored)."""
+        now = time.monotonic()
         with self._held_lock:  # offsets and their records taken together (a revoke drops both or neither)
-            offsets = self.tracker.committable()
+            offsets = {tp: off for tp, off in self.tracker.committable().items()
+                       if self._refused.get(tp, (0.0,))[0] <= now}  # a refused partition waits its backoff
             batch = self._take(offsets)
         if not offsets:
             return {}
         try:
             self.producer.begin_transaction()
-            for rec in batch:
-                self.producer.send(rec.topic, value=rec.value, key=rec.key, headers=rec.headers)
+            sent = [(rec, self.producer.send(rec.topic, value=rec.value, key=rec.key, headers=rec.headers))
+                    for rec in batch]
             # records on the broker before the offsets: a broker that applies TxnOffsetCommit at once
             # (Tansu) would otherwise commit offsets whose records a crash never let out
             self.producer.flush(timeout=self.settings.delivery_timeout_ms / 1000)
+            if self._refused_dead_letters(sent, batch):
+                return {}
             self._wait("send_offsets_to_transaction", send_offsets_to_transaction(
                 self.producer,
                 {KTopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()},
@@ -123,12 +138,68 @@ class TransactionalSink(KafkaSink):
             raise DeliveryError(f"transaction of {len(batch)} records for {offsets} failed: {e!r}") from e
         self.tracker.mark_committed(offsets)
         self.num_transactions += 1
+        for tp in offsets:
+            if self._refused.pop(tp, None) is not None:
+                log.warning("dead letters of %s[%d] written: the partition flows again", *tp)
         with self._lock:
             for rec in batch:
                 self.counts[rec.outcome.split(".")[0]] += 1
                 if rec.outcome != "ok":
                     self.counts[rec.outcome] += 1
         return offsets
+
+    def _refused_dead_letters(self, sent: list[tuple[_Held, Any]], batch: list[_Held]) -> bool:
+        """After the flush: when the only records that failed are dead letters the broker refused,
+        abort (nothing was committed), hold the batch again, hold back those partitions with a backoff,
+        and return True. Any other failed record is left to the caller's fatal path."""
+        failed = [(rec, fut.exception) for rec, fut in sent if fut.is_done and fut.failed()]
+        if not failed or any(rec.topic != self.settings.dead_letter_topic for rec, _ in failed):
+            return False
+        self._abort()
+        # a fresh producer (same transactional id: init_transactions fences nothing live, the abort is
+        # done): kafka-python would bump the epoch to recover the failed batch's sequence, and
+        # noida-db then refuses the next EndTxn (InvalidTxnState); a new producer id avoids both
+        self.producer.close(timeout=5)
+        self.producer = self._new_producer()
+        self.producer.init_transactions()
+        now = time.monotonic()
+        with self._held_lock:
+            for rec in batch:  # a revoked partition's records are not held again (the tracker forgot it)
+                tp = TopicPartition(*rec.source[:2])
+                if self.tracker.is_current(tp.topic, tp.partition, rec.epoch):
+                    self._held.setdefault(tp, {}).setdefault(rec.source[2], []).append(rec)
+            for rec, error in failed:
+                tp = TopicPartition(*rec.source[:2])
+                _, attempts, _, since = self._refused.get(tp, (0.0, 0, "", now))
+                backoff = min(self.settings.retry_backoff_max_s, FIRST_RETRY_S * 2 ** attempts)
+                self._refused[tp] = (now + backoff, attempts + 1, repr(error), since)
+        log.error("dead-letter topic %r refused %d record(s) (%r): transaction aborted, partitions %s held "
+                  "back and retried with backoff", self.settings.dead_letter_topic, len(failed), failed[0][1],
+                  sorted(self._refused))
+        return True
+
+    def blocked(self) -> set[TopicPartition]:
+        """Partitions held back behind a refused dead letter (the worker pauses them)."""
+        with self._held_lock:
+            return set(self._refused)
+
+    def problem(self) -> str | None:
+        with self._held_lock:
+            refused = dict(self._refused)
+        if not refused:
+            return None
+        since = min(v[3] for v in refused.values())
+        error = next(iter(refused.values()))[2]
+        return (f"dead letters for topic {self.settings.dead_letter_topic!r} refused for "
+                f"{time.monotonic() - since:.0f}s ({error}); input partitions "
+                f"{sorted(f'{t}[{p}]' for t, p in refused)} held (nothing committed past them), retried "
+                f"with backoff up to {self.settings.retry_backoff_max_s:g}s: make the topic writable "
+                "(exists, this principal may write, max.message.bytes) and the stream resumes by itself")
+
+    @property
+    def num_parked(self) -> int:
+        with self._held_lock:
+            return sum(len(v) for tp in self._refused for v in self._held.get(tp, {}).values())
 
     def _wait(self, what: str, result: Any) -> None:
         """kafka-python's ``send_offsets_to_transaction`` / ``commit_transaction`` bodies, with a

@@ -85,12 +85,14 @@ class Received:
 
 
 class TopicReader:
-    """Reads every partition of ``topics`` from the beginning, without a consumer group."""
+    """Reads every partition of ``topics`` from the beginning, without a consumer group
+    (``isolation_level="read_committed"`` for an exactly_once output)."""
 
-    def __init__(self, bootstrap: str, topics: Iterable[str], *, timeout_s: float = 20.0) -> None:
+    def __init__(self, bootstrap: str, topics: Iterable[str], *, timeout_s: float = 20.0,
+                 isolation_level: str = "read_uncommitted") -> None:
         self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                        auto_offset_reset="earliest", client_id="elbert-streamcheck-reader",
-                                       fetch_max_wait_ms=100)
+                                       fetch_max_wait_ms=100, isolation_level=isolation_level)
         deadline = time.monotonic() + timeout_s
         parts: list[TopicPartition] = []
         for topic in topics:

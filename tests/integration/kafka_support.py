@@ -154,9 +154,10 @@ def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> bool
     return bool(predicate())
 
 
-def run_cli(settings: Settings, replica_id: str, log_path: Path, **env: str) -> Any:
+def run_cli(settings: Settings, replica_id: str | None, log_path: Path, **env: str) -> Any:
     """``elbert-stream run`` in a child process (a ``subprocess.Popen``), configured through ELBERT_*
-    variables from ``settings`` (model, topics, group, membership timings) plus ``env``."""
+    variables from ``settings`` (model, topics, group, membership timings) plus ``env``;
+    ``replica_id`` None: the CLI's default identity (pass ELBERT_LOCK_DIR in ``env``)."""
     import json
     import os
     import subprocess
@@ -171,7 +172,8 @@ def run_cli(settings: Settings, replica_id: str, log_path: Path, **env: str) -> 
             "ELBERT_KAFKA__SESSION_TIMEOUT_MS": "6000", "ELBERT_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
             "ELBERT_KAFKA__COMMIT_INTERVAL_S": "0.5", "ELBERT_ENGINE__MAX_QUEUE": "64", **env}
     with open(log_path, "ab") as log:
-        cmd = [sys.executable, "-m", "elbert_stream.cli", "run", "--replica-id", replica_id]
+        cmd = [sys.executable, "-m", "elbert_stream.cli", "run",
+               *(["--replica-id", replica_id] if replica_id else [])]
         return subprocess.Popen(cmd, env=full, stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -85,13 +85,14 @@ class Stream:
         thread.start()
         return thread
 
-    def reader(self) -> TopicReader:
-        return TopicReader(self.bootstrap, [self.output, self.dead])
+    def reader(self, isolation_level: str = "read_uncommitted") -> TopicReader:
+        return TopicReader(self.bootstrap, [self.output, self.dead], isolation_level=isolation_level)
 
-    def wait_all(self, timeout_s: float = 60.0, sent: list[Sent] | None = None) -> Accounting:
+    def wait_all(self, timeout_s: float = 60.0, sent: list[Sent] | None = None,
+                 isolation_level: str = "read_uncommitted") -> Accounting:
         """Read both topics until every produced offset has an answer (or ``timeout_s``)."""
         sent = self.sent if sent is None else sent
-        with self.reader() as r:
+        with self.reader(isolation_level) as r:
             def done(reader: TopicReader) -> bool:
                 return not account(sent, r.records[self.output], r.records[self.dead]).lost
             r.poll_until(done, timeout_s)
