@@ -346,6 +346,45 @@ def test_producer_ack_timeout_is_retried(mode: str, tiny_model_dir: Path) -> Non
         assert len(workers) == 1, "the producer's retries should have ridden out the freeze"
 
 
+def test_engine_keeps_running_while_the_broker_is_frozen(tiny_model_dir: Path) -> None:
+    """The loop never blocks on Kafka (#12 item 3): periodic commits are asynchronous, a produce call
+    blocks at most max_block_ms. With the broker frozen (SIGSTOP) the engine still answers HTTP-style
+    classify calls through the same loop in well under a second (a blocking commit held the loop up
+    to 5 s every interval); afterwards the stream resumes and nothing is lost."""
+    with EmbeddedBroker() as broker:
+        names = {"input": "in", "output": "out", "dead": "dlq", "group": "g"}
+        broker.create_topics(["in", "out", "dlq"], 4)
+        settings = worker_settings(broker.bootstrap, names, tiny_model_dir, kafka={"commit_interval_s": 0.2})
+        stream = Stream(broker.bootstrap, names)
+        worker = Worker(settings, Engine.from_settings(settings), None, replica_id="r").start()
+        latencies: list[float] = []
+        try:
+            assert wait_for(lambda: stream.flowing_since(0), 60), worker.stats()
+
+            def freeze() -> None:
+                pid = broker._proc.pid  # type: ignore[union-attr]
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    end = time.monotonic() + 8.0
+                    while time.monotonic() < end:
+                        t = time.monotonic()
+                        worker.classify(["a story about shares and markets"], timeout_s=30)
+                        latencies.append(time.monotonic() - t)
+                        time.sleep(0.1)
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+
+            stream.fault("broker frozen 8 s, classify through the loop", freeze)
+            assert worker.alive(), worker.error
+            index = stream.finish()
+            assert_delivered(stream, index, "at_least_once")
+        finally:
+            worker.stop(20)
+    print(f"[fault] classify while the broker was frozen: {len(latencies)} calls, max "
+          f"{max(latencies):.2f}s, median {sorted(latencies)[len(latencies) // 2]:.3f}s")
+    assert len(latencies) >= 10 and max(latencies) < 1.5, latencies
+
+
 def spy_acked_answers(monkeypatch: pytest.MonkeyPatch, output_topic: str) -> set[tuple[str, int, int]]:
     """Input positions whose output record the broker acknowledged to any producer in this process
     (a pass-through spy on ``KafkaProducer.send``): tells a broker that lost an acknowledged answer
