@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: install demo test test-unit test-integration lint typecheck bench model evaluate clean
+.PHONY: install demo test test-fast test-unit test-integration lint typecheck bench model evaluate clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
+
+# everything but the tests marked slow (> ~30 s each: fault injection, Serve deployments, autoscaling)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
 
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration -m integration

@@ -122,11 +122,10 @@ class Worker:
         return self._running.is_set() and self.error is None
 
     def health(self) -> tuple[str | None, list[str]]:
-        """(failure, warnings). ``failure``: why this worker cannot do its job and a restart is the
-        remedy (it died; or it has had no partitions while its group is joining for longer than
-        ``unassigned_limit_s``: a member the group never gave an assignment); None when fine.
-        ``warnings``: degraded but serving (records parked: the dead-letter topic is not writable);
-        a restart would not help, so they never fail the health check."""
+        """(failure, warnings). ``failure``: why this worker cannot work and a restart is the remedy
+        (it died, or ``KafkaSource.stuck_joining``); None when fine. ``warnings``: degraded but
+        serving (parked records: a topic refuses them); a restart would not help, so they never
+        fail the health check."""
         if self.error is not None:
             return f"worker {self.replica_id} failed: {self.error!r}", []
         if not self._running.is_set():
@@ -333,15 +332,12 @@ class Worker:
             jobs, self._jobs = list(self._jobs), deque()
         for job in jobs + [r.meta.job for r in self._backlog if isinstance(r.meta, SyncRef)]:
             job.fail(EngineFailure(f"worker {self.replica_id} stopped"), None)
-        for closer in (self._close_sink, self._close_source):
+        for closer in (self.sink.close if self.sink is not None else None, self._close_source):
             try:
-                closer()
+                if closer is not None:
+                    closer()
             except Exception:  # noqa: BLE001 - closing must not mask the loop's error
                 log.exception("worker %s: error while closing", self.replica_id)
-
-    def _close_sink(self) -> None:
-        if self.sink is not None:
-            self.sink.close()
 
     def _commit(self, force: bool = False) -> None:
         """Commit on the cadence (or now); the sink commits offsets alone, or with exactly_once one

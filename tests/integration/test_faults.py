@@ -36,7 +36,7 @@ from elbert_stream.stream.sink import DeliveryError
 from elbert_stream.stream.worker import Worker
 from elbert_stream.testing.broker import EmbeddedBroker, S3Store, create_topics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # each test: a stream under a fault, 25 s to minutes
 MODES = ["at_least_once", "exactly_once"]
 RATE = 80.0  # input messages per second, round-robin over the partitions
 IDLE_S = 60.0  # finish() gives up this long after the last answer (longest stall measured: ~21 s)

@@ -83,7 +83,8 @@ def test_group_join_static_rejoin_and_lag(kafka_bootstrap: str, topics: dict[str
     raw = sorted((t.partition, o) for t, o in raw_ends.items())
     print(f"[tansu] join {join_s:.1f}s, static rejoin {rejoin_s:.1f}s, lag {dict(lag)}, "
           f"end_offsets {raw} vs true {sorted(ends.items())}")
-    assert join_s < 3 * settings.session_timeout_ms / 1000
+    # a join slower than this fails the worker's health check (KafkaSource.stuck_joining)
+    assert join_s < 3 * settings.session_timeout_ms / 1000 + 30
 
 
 def test_pause_stops_fetching_until_resume(kafka_bootstrap: str, topics: dict[str, str]) -> None:

@@ -24,7 +24,7 @@ from elbert_stream.serve import local
 from elbert_stream.testing.broker import free_port
 from examples.demo import DEMO_MAX_MESSAGE_BYTES, bad_inputs
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]  # a deploy each: 30-60 s
 
 
 @pytest.fixture(scope="module")

@@ -86,11 +86,14 @@ def test_env_settings_reach_source_sink_and_transactional_sink(secure_env: Setti
     assert client_config(k) == WANT_SECURE
     KafkaSource(k, OffsetTracker())
     KafkaSink(k, OffsetTracker(), replica_id="r")
-    TransactionalSink(k, OffsetTracker(), replica_id="r")
+    TransactionalSink(k, OffsetTracker(), replica_id="r", transactional_id="elbert-stream-g-r0")
     assert [name for name, _ in recorded] == ["Consumer", "Producer", "Producer"]
     for _, kwargs in recorded:
         assert {key: kwargs.get(key) for key in WANT_SECURE} == WANT_SECURE
-    assert recorded[2][1]["transactional_id"] == "elbert-stream-r"
+    assert recorded[1][1]["enable_idempotence"] is False  # at_least_once: see sink.py
+    assert recorded[2][1]["transactional_id"] == "elbert-stream-g-r0"
+    assert recorded[2][1]["enable_idempotence"] is True
+    assert recorded[2][1]["transaction_timeout_ms"] == k.transaction_timeout_ms
 
 
 @pytest.mark.parametrize(("protocol", "mechanism", "want_sasl", "want_ssl"), [
