@@ -151,10 +151,13 @@ class TransactionalSink(KafkaSink):
     def _refused_dead_letters(self, sent: list[tuple[_Held, Any]], batch: list[_Held]) -> bool:
         """After the flush: when the only records that failed are dead letters the broker refused,
         abort (nothing was committed), hold the batch again, hold back those partitions with a backoff,
-        and return True. Any other failed record is left to the caller's fatal path."""
+        and return True. Any other failed record raises its error (the caller's fatal path)."""
         failed = [(rec, fut.exception) for rec, fut in sent if fut.is_done and fut.failed()]
-        if not failed or any(rec.topic != self.settings.dead_letter_topic for rec, _ in failed):
+        if not failed:
             return False
+        other = next((e for rec, e in failed if rec.topic != self.settings.dead_letter_topic), None)
+        if other is not None:
+            raise other
         self._abort()
         # a fresh producer (same transactional id: init_transactions fences nothing live, the abort is
         # done): kafka-python would bump the epoch to recover the failed batch's sequence, and
