@@ -9,8 +9,8 @@ Why each exists (kafka-python 3 has no public way to do it):
   public, blocking ``consumer.commit()`` raises; the coordinator's coroutine can be awaited there.
 * ``refetch_from_committed``: "read this assigned partition again from the group's committed
   offset" (a fresh fetch state, as for a newly assigned partition); there is no public seek-to-committed.
-* ``joining_group``: whether a group join is in flight for a member with no partitions (the worker
-  must then poll back to back: kafka-python 3.0 drops a join answered between two polls).
+* ``joining_group``: whether a group (re)join is pending (the worker must then poll back to back:
+  kafka-python 3.0 drops a join answered between two polls).
 * ``send_offsets_to_transaction`` / ``commit_transaction``: the transaction manager's requests as
   futures, so the caller can wait with a deadline (the public calls wait forever); ``wake_sender``
   makes the sender thread pick them up at once.
@@ -51,13 +51,16 @@ def refetch_from_committed(consumer: KafkaConsumer, ktp: KTopicPartition) -> Non
 
 
 def joining_group(consumer: KafkaConsumer) -> bool:
-    """True while the member has no partitions and must (re)join its group: at start, and during an
-    eager rebalance after the revoke. kafka-python 3.0.x's ``join_group_async`` caches the join as a
-    task and re-awaits it on the next poll, but a task that FINISHED between two polls is taken for
-    a stale one and replaced by a new JoinGroup: its assignment is lost. Reproduced with a bare
-    consumer: ``poll(0)`` with 50 ms of other work between polls never gets an assignment (hundreds
-    of generations), ``poll(20)`` with the same work does at once (tests/integration/test_kafka_io.py)."""
-    return bool(consumer._coordinator.need_rejoin()) and not consumer.assignment()
+    """True while the member must (re)join its group or a rejoin is under way (at start; during a
+    rebalance, after the revoke: kafka-python keeps the revoked partitions in ``assignment()``,
+    marked pending revocation, until the new assignment). kafka-python 3.0.x's
+    ``join_group_async`` caches the join as a task and re-awaits it on the next poll, but a task
+    that FINISHED between two polls is taken for a stale one and replaced by a new JoinGroup: its
+    assignment is lost. Reproduced with a bare consumer: ``poll(0)`` with 50 ms of other work
+    between polls never gets an assignment (hundreds of generations), ``poll(20)`` with the same
+    work does at once (tests/integration/test_kafka_io.py)."""
+    coordinator = consumer._coordinator
+    return bool(coordinator.need_rejoin() or coordinator.rejoining)
 
 
 def send_offsets_to_transaction(producer: KafkaProducer, offsets: Offsets, group_metadata: Any) -> Any:

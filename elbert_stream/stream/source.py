@@ -75,7 +75,9 @@ class KafkaSource:
         self.num_commits = 0
         self.num_commit_failures = 0
         self._commit_in_flight = False
-        self.unassigned_since: float | None = time.monotonic()  # no partitions since (None: has some)
+        # since when this member has had no assignment to work on: from the start, and from each
+        # revoke until the next assignment (even an empty one); None while it has one
+        self.rebalancing_since: float | None = time.monotonic()
         self.num_revocations = 0  # rebalances that took partitions away (revoked or lost)
         self._reread: dict[TopicPartition, int | None] = {}  # revoked -> where to read again (None: commit)
         with explain_bootstrap(settings, "consumer"):
@@ -99,7 +101,7 @@ class KafkaSource:
         JoinGroup, so a member that does other work between ``poll(0)`` calls (the engine's steps)
         can rejoin forever without an assignment. Under eager rebalancing nothing is assigned while
         joining, so the wait costs no work of the group's partitions."""
-        if joining_group(self.consumer):
+        if self.rebalancing_since is not None and joining_group(self.consumer):
             deadline = time.monotonic() + max(timeout_ms, JOIN_POLL_MS) / 1000
             batches = self.consumer.poll(timeout_ms=JOIN_POLL_MS, max_records=max_records,
                                          update_offsets=True)
@@ -109,10 +111,6 @@ class KafkaSource:
         else:
             batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records, update_offsets=True)
         now = time.monotonic()
-        if self.consumer.assignment():
-            self.unassigned_since = None
-        elif self.unassigned_since is None:
-            self.unassigned_since = now
         out: list[InputMessage] = []
         for ktp, records in batches.items():
             tp = TopicPartition(ktp.topic, ktp.partition)
@@ -129,14 +127,14 @@ class KafkaSource:
         return out
 
     def stuck_joining(self) -> str | None:
-        """Why this member looks stuck, or None: no partitions for longer than three session timeouts
-        + 30 s while a join is pending (a join waits at most a session timeout for the members, dead
-        ones expired, plus the rebalance). A restart is the remedy (the worker's health fails)."""
+        """Why this member looks stuck, or None: no assignment since its start or its last revoke for
+        longer than three session timeouts + 30 s (a join waits at most a session timeout for the
+        members, dead ones expired, plus the rebalance). A restart is the remedy (health fails)."""
         limit_s = 3 * self.settings.session_timeout_ms / 1000 + 30.0
-        since = self.unassigned_since
-        if since is None or time.monotonic() - since <= limit_s or not joining_group(self.consumer):
+        since = self.rebalancing_since
+        if since is None or time.monotonic() - since <= limit_s:
             return None
-        return (f"no partitions for {time.monotonic() - since:.0f}s while joining group "
+        return (f"no assignment for {time.monotonic() - since:.0f}s while joining group "
                 f"{self.settings.group_id!r} (member {self.settings.group_instance_id or 'dynamic'}): "
                 "the group never completed a join with this member (a dead member the broker does not "
                 "expire, or a rebalance that never ends); restart it, and check the group with "
@@ -216,6 +214,7 @@ class KafkaSource:
         """On the consumer's IO thread: commit the revoked partitions' finished offsets (unless the
         member was evicted), forget them, and tell the worker (``on_revoke``, which must only record
         the set: the loop thread applies it after ``poll`` returns)."""
+        self.rebalancing_since = self.rebalancing_since or time.monotonic()
         tps = {TopicPartition(t.topic, t.partition) for t in revoked}
         self.num_revocations += bool(tps)
         ready = {tp: off for tp, off in self.tracker.committable().items() if tp in tps}
@@ -241,6 +240,7 @@ class KafkaSource:
         log.info("partitions %s: %s", "revoked" if commit else "lost", sorted(tps))
 
     def _on_assigned(self, assigned: set[KTopicPartition]) -> None:
+        self.rebalancing_since = None
         reread, self._reread = self._reread, {}
         for ktp in assigned:
             tp = TopicPartition(ktp.topic, ktp.partition)

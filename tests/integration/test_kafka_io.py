@@ -222,7 +222,7 @@ def test_a_member_busy_between_polls_still_joins(broker: str, request: pytest.Fi
             polls += 1
             time.sleep(0.05)  # an engine step between polls
         assert len(source.assignment()) == 4, f"no assignment after {polls} polls"
-        assert source.unassigned_since is None and source.stuck_joining() is None
+        assert source.rebalancing_since is None and source.stuck_joining() is None
     finally:
         source.close()
     print(f"[{broker}] busy member joined after {polls} polls")
