@@ -170,13 +170,19 @@ class NoidaBroker(EmbeddedBroker):
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="noida-"))
 
     def command(self) -> list[str]:
-        import shutil
-        import sys
+        """The broker binary itself, not the ``noida-db`` console script: that wrapper runs it as a
+        child, which outlived the wrapper's termination (one orphaned broker per test session)."""
+        try:
+            from importlib.resources import files
 
-        exe = shutil.which("noida-db") or str(Path(sys.executable).with_name("noida-db"))
-        if not Path(exe).exists():
-            raise BrokerError("noida-db not found: pip install 'elbert-stream[testing]' (it brings noida-db)")
-        return [exe, "start", "--only", "kafka", "--kafka-port", str(self.port),
+            exe = Path(str(files("noida_db").joinpath("noida-db")))
+        except ImportError as e:
+            raise BrokerError("noida-db not installed: pip install 'elbert-stream[testing]'") from e
+        if not exe.is_file():
+            raise BrokerError(f"the noida-db wheel has no broker binary at {exe}")
+        if not os.access(exe, os.X_OK):
+            exe.chmod(0o755)
+        return [str(exe), "start", "--only", "kafka", "--kafka-port", str(self.port),
                 "--data-dir", str(self.data_dir)]
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from elbert_stream.stream.offsets import CommitCadence, OffsetTracker, TopicPart
 from elbert_stream.stream.records import InputMessage, output_record
 from elbert_stream.stream.sink import DeliveryError, KafkaSink
 from elbert_stream.stream.source import KafkaSource
-from elbert_stream.testing.broker import EmbeddedBroker, create_topics
+from elbert_stream.testing.broker import EmbeddedBroker, NoidaBroker, create_topics
 from elbert_stream.types import DepthTrace, Prediction
 
 pytestmark = pytest.mark.integration
@@ -204,6 +205,21 @@ def fresh_topics(bootstrap: str, stem: str, partitions: int = 4) -> dict[str, st
     names = {"input": f"{stem}-in", "output": f"{stem}-out", "dead": f"{stem}-dlq", "group": f"{stem}-g"}
     create_topics(bootstrap, [names["input"], names["output"], names["dead"]], partitions)
     return names
+
+
+@pytest.mark.parametrize("kind", [EmbeddedBroker, NoidaBroker])
+def test_an_embedded_broker_leaves_no_process_behind(kind: type[EmbeddedBroker]) -> None:
+    import os
+
+    with kind() as broker:
+        pid = broker._proc.pid  # type: ignore[union-attr]
+        create_topics(broker.bootstrap, ["t"], 1)
+    assert not broker.alive()
+    with pytest.raises(ProcessLookupError):  # reaped: the broker itself, not a wrapper around it
+        os.kill(pid, 0)
+    time.sleep(0.2)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", broker.port), timeout=1).close()
 
 
 @pytest.mark.parametrize("broker", ["kafka_bootstrap", "noida_bootstrap"])
