@@ -88,6 +88,8 @@ class ParkingLot:
         its refused head once its backoff passed and no earlier try of it is in flight (the rest
         waits for that try's answer), or, once the head got through, everything queued behind it.
         Records of partitions no longer assigned are dropped: their new owner redoes them."""
+        if not self.items:
+            return []
         now = time.monotonic()
         items = [p for p in self.items if is_current(p.msg) or self._forget(p.msg)]
         with self._lock:
@@ -150,11 +152,16 @@ class ParkingLot:
             refusals = dict(self._refusals)
         if not refusals:
             return None
-        since = min(v[2] for v in refusals.values())
-        topics = sorted({v[0] for v in refusals.values()})
-        error = next(iter(refusals.values()))[1]
-        parts = sorted(f"{t}[{p}]" for t, p in refusals)
-        return (f"topic(s) {topics} refused records for {time.monotonic() - since:.0f}s ({error}); input "
-                f"partitions {parts} held ({len(self.items)} record(s) waiting, nothing committed past "
-                f"them), retrying with backoff up to {self.backoff_max_s:g}s: make the topic writable "
-                "(exists, this principal may write, max.message.bytes) and the stream resumes by itself")
+        return refusal_warning({v[0] for v in refusals.values()}, next(iter(refusals.values()))[1],
+                               min(v[2] for v in refusals.values()), set(refusals), len(self.items),
+                               self.backoff_max_s)
+
+
+def refusal_warning(topics: set[str], error: str, since_s: float, partitions: set[TopicPartition],
+                    waiting: int, backoff_max_s: float) -> str:
+    """The health warning for records a topic refuses (this module's and ``transactions.py``'s)."""
+    parts = sorted(f"{t}[{p}]" for t, p in partitions)
+    return (f"topic(s) {sorted(topics)} refused records for {time.monotonic() - since_s:.0f}s ({error}); "
+            f"input partitions {parts} held ({waiting} record(s) waiting, nothing committed past them), "
+            f"retrying with backoff up to {backoff_max_s:g}s: make the topic writable (exists, this "
+            "principal may write, max.message.bytes) and the stream resumes by itself")

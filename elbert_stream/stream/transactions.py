@@ -39,7 +39,7 @@ from kafka.structs import OffsetAndMetadata
 from elbert_stream.config import KafkaSettings
 from elbert_stream.stream.kafka_internals import commit_transaction, send_offsets_to_transaction, wake_sender
 from elbert_stream.stream.offsets import OffsetTracker, TopicPartition
-from elbert_stream.stream.parking import FIRST_RETRY_S
+from elbert_stream.stream.parking import FIRST_RETRY_S, refusal_warning
 from elbert_stream.stream.records import Headers, InputMessage
 from elbert_stream.stream.sink import DeliveryError, KafkaSink
 from elbert_stream.stream.source import KafkaSource
@@ -189,15 +189,12 @@ class TransactionalSink(KafkaSink):
     def problem(self) -> str | None:
         with self._held_lock:
             refused = dict(self._refused)
+            waiting = sum(len(v) for tp in refused for v in self._held.get(tp, {}).values())
         if not refused:
             return None
-        since = min(v[3] for v in refused.values())
-        error = next(iter(refused.values()))[2]
-        return (f"dead letters for topic {self.settings.dead_letter_topic!r} refused for "
-                f"{time.monotonic() - since:.0f}s ({error}); input partitions "
-                f"{sorted(f'{t}[{p}]' for t, p in refused)} held (nothing committed past them), retried "
-                f"with backoff up to {self.settings.retry_backoff_max_s:g}s: make the topic writable "
-                "(exists, this principal may write, max.message.bytes) and the stream resumes by itself")
+        return refusal_warning({self.settings.dead_letter_topic}, next(iter(refused.values()))[2],
+                               min(v[3] for v in refused.values()), set(refused), waiting,
+                               self.settings.retry_backoff_max_s)
 
     @property
     def num_parked(self) -> int:
