@@ -42,9 +42,7 @@ class ParkingLot:
     def __init__(self, backoff_max_s: float) -> None:
         self.backoff_max_s = backoff_max_s
         self.items: list[Parked] = []
-        self._attempts: dict[tuple[str, int, int], int] = {}  # refusals so far, per input position
-        self._since: dict[tuple[str, int, int], float] = {}
-        self.num_parked = 0  # refusals parked, ever
+        self._refused: dict[tuple[str, int, int], tuple[int, float]] = {}  # position -> (refusals, since)
         # partitions whose parked head was sent again and not yet answered: still held (the answer
         # comes on the producer's IO thread: ``delivered`` or, refused again, ``park``)
         self._retrying: dict[TopicPartition, tuple[str, int, int]] = {}
@@ -54,6 +52,8 @@ class ParkingLot:
     def holds(self, msg: InputMessage) -> bool:
         """Whether a record for ``msg`` must queue: one of its partition is parked, or is being tried
         again (unless it is that very try: a dead letter's chain, its value omitted, is one try)."""
+        if not self.items and not self._retrying:  # the usual case, per record: nothing parked
+            return False
         tp = TopicPartition(msg.topic, msg.partition)
         with self._lock:
             trying = self._retrying.get(tp)
@@ -69,15 +69,15 @@ class ParkingLot:
         now = time.monotonic()
         key = (msg.topic, msg.partition, msg.offset)
         tp = TopicPartition(msg.topic, msg.partition)
-        attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
-        since = self._since.setdefault(key, now)
+        attempts, since = self._refused.get(key, (0, now))
+        attempts += 1
+        self._refused[key] = (attempts, since)
         with self._lock:
             self._retrying.pop(tp, None)
             self._refusals[tp] = (topic, error, since)
         due = now + min(self.backoff_max_s, FIRST_RETRY_S * 2 ** (attempts - 1))
         first = not any(p.topic == topic and p.error for p in self.items)
         self.items = [*self.items, Parked(msg, topic, resend, error, due)]
-        self.num_parked += 1
         if first or attempts in (2, 4, 8) or attempts % 16 == 0:
             log.error("cannot write to topic %r (%s) for %s: parked, its input partition held, retrying in "
                       "%.1fs (attempt %d)", topic, error, msg.where, due - now, attempts)
@@ -119,6 +119,8 @@ class ParkingLot:
     def delivered(self, msg: InputMessage) -> None:
         """A record got through (any thread): forget its refusals; its partition is free again if it
         was the parked head sent again."""
+        if not self._retrying and not self._refused:  # the usual case, per acknowledgement
+            return
         key = (msg.topic, msg.partition, msg.offset)
         tp = TopicPartition(msg.topic, msg.partition)
         with self._lock:
@@ -129,12 +131,12 @@ class ParkingLot:
 
     def _forget(self, msg: InputMessage) -> bool:
         """Drop what is known of ``msg``'s refusals; False (so it filters in a comprehension)."""
-        key = (msg.topic, msg.partition, msg.offset)
-        self._attempts.pop(key, None)
-        self._since.pop(key, None)
+        self._refused.pop((msg.topic, msg.partition, msg.offset), None)
         return False
 
     def blocked(self) -> set[TopicPartition]:
+        if not self.items and not self._retrying:  # every loop iteration: usually nothing
+            return set()
         with self._lock:
             retrying = set(self._retrying)
         return {p.partition for p in self.items} | retrying

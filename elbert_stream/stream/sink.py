@@ -24,6 +24,7 @@ again. Nothing is lost.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import Counter
@@ -184,8 +185,8 @@ class KafkaSink:
         """How to send a parked record again: a dead letter from the start (its value first), any
         other record as it was."""
         if retry is not None:
-            return lambda: self.send_dead_letter(msg, *retry)
-        return lambda: self._send(topic, msg, value, key, headers, outcome)
+            return functools.partial(self.send_dead_letter, msg, *retry)
+        return functools.partial(self._send, topic, msg, value, key, headers, outcome)
 
     def retry_parked(self) -> int:
         """Send again the parked records whose backoff passed (loop thread); returns how many."""
@@ -236,8 +237,8 @@ class KafkaSink:
                 if isinstance(f.error, RECORD_REJECTED) and not f.omitted:
                     self.send_dead_letter(f.msg, *f.retry, omit_value=True)  # the broker refused the size
                 else:  # the topic refused it (even without the value): park, never fatal
-                    self.parking.park(f.msg, self.settings.dead_letter_topic,
-                                      self._resend("", f.msg, None, None, [], "", f.retry), repr(f.error))
+                    resend = functools.partial(self.send_dead_letter, f.msg, *f.retry)
+                    self.parking.park(f.msg, self.settings.dead_letter_topic, resend, repr(f.error))
                 continue
             with self._lock:
                 self.counts["error"] += 1

@@ -164,7 +164,10 @@ class KafkaSource:
     def hold(self, tps: set[TopicPartition]) -> None:
         """Pause exactly ``tps`` (on top of ``pause``): partitions whose next result cannot be
         delivered yet; the others keep flowing. Partitions no longer held are resumed."""
-        tps = {tp for tp in tps if tp in self.assignment()}
+        if not tps and not self.held:  # every loop iteration: usually nothing held
+            return
+        assigned = self.assignment()
+        tps = {tp for tp in tps if tp in assigned}
         if tps == self.held:
             return
         released, self.held = self.held - tps, tps

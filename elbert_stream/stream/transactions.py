@@ -183,6 +183,8 @@ class TransactionalSink(KafkaSink):
 
     def blocked(self) -> set[TopicPartition]:
         """Partitions held back behind a refused dead letter (the worker pauses them)."""
+        if not self._refused:  # every loop iteration: usually nothing
+            return set()
         with self._held_lock:
             return set(self._refused)
 
