@@ -23,16 +23,10 @@ from typing import Any
 
 import torch
 
-from elbert_stream.engine.model import ElbertModel, load_tokenizer
+from elbert_stream.engine.model import ElbertModel, load_tokenizer, shipped_model_dir
 from elbert_stream.engine.policy import POLICIES, ExitPolicy
-from elbert_stream.training.data import (
-    Dataset,
-    load_bbc,
-    load_dataset,
-    read_split,
-    split_dataset,
-    stratified_split,
-)
+from elbert_stream.training.data import Dataset
+from elbert_stream.training.files import Columns
 from elbert_stream.training.scoring import (
     PolicyScore,
     all_depth_probs,
@@ -42,6 +36,7 @@ from elbert_stream.training.scoring import (
     policy_grid,
     score_policy,
 )
+from elbert_stream.training.splits import evaluation_sets
 
 log = logging.getLogger(__name__)
 
@@ -49,34 +44,6 @@ COMPARE_DEPTHS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 
 
 # ---- data -----------------------------------------------------------------------------------
-def eval_sets(
-    model_dir: Path | None,
-    data: str,
-    val_data: str | None,
-    text_column: str = "text",
-    label_column: str = "label",
-) -> tuple[Dataset, Dataset]:
-    """(validation, test). ``bbc``: the split saved with the model (``split.json``) or the default
-    stratified split. A file: ``val_data`` if given, else the file's own stratified val/test halves."""
-    if data == "bbc":
-        full = load_bbc()
-        split_file = (model_dir / "split.json") if model_dir else None
-        parts = read_split(split_file, full) if split_file and split_file.is_file() else split_dataset(full)
-        return parts["val"], parts["test"]
-    test = load_dataset(data, text_column, label_column)
-    if val_data:
-        return load_dataset(val_data, text_column, label_column), test
-    split = stratified_split(test.labels)
-    rest = sorted(split["train"] + split["test"])
-    log.warning(
-        "no --val-data: choosing thresholds on %d of the %d examples of %s, testing on the rest",
-        len(split["val"]),
-        len(test),
-        data,
-    )
-    return test.subset(split["val"]), test.subset(rest)
-
-
 def _labels_for(model: ElbertModel, ds: Dataset) -> torch.Tensor:
     """Dataset labels re-indexed to the model's label order (by name)."""
     names = model.label_names
@@ -277,43 +244,67 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = Path(args.model) if args.model else None
+    model_dir = Path(args.model) if args.model else shipped_model_dir()
     model = ElbertModel.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    val_set, test_set = eval_sets(model_dir, args.data, args.val_data, args.text_column, args.label_column)
+    sets = evaluation_sets(model_dir, args.data, args.val_data, Columns(args.text_column, args.label_column),
+                           args.allow_training_rows)
+    log.info("thresholds on %s (%d rows); scored on %s (%d rows)", sets.described["val"], len(sets.val),
+             sets.described["test"], len(sets.test))
     t0 = time.perf_counter()
-    report, test_probs = run_evaluation(model, tokenizer, val_set, test_set, args.max_length, args.max_loss)
+    report, test_probs = run_evaluation(model, tokenizer, sets.val, sets.test, args.max_length, args.max_loss)
     report["command"] = (
         args.command_line or getattr(args, "invocation", None) or shlex.join(["elbert-stream", *sys.argv[1:]])
     )
+    report["data"] = {**sets.described, "training_rows_scored": sets.training_rows}
     report["eval_seconds"] = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(report, out / "accuracy.md")
     if not args.no_plots:
-        from elbert_stream.training.plots import write_plots
-
-        write_plots(report, test_probs, test_set, out)
+        _plots(report, test_probs, sets.test, out)
     log.info("wrote %s/accuracy.{json,md}: full depth %.4f", out, report["full_depth_accuracy"])
     return 0
 
 
+def _plots(report: dict[str, Any], test_probs: torch.Tensor, test_set: Dataset, out: Path) -> None:
+    """The PNGs, or a warning when matplotlib is not installed (the numbers are written either way)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots written (pip install matplotlib, or "
+                    "'elbert-stream[train]'); accuracy.json and accuracy.md are complete")
+        return
+    from elbert_stream.training.plots import write_plots
+
+    write_plots(report, test_probs, test_set, out)
+
+
 def add_cli(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "evaluate", help="score exit policies over threshold grids; write accuracy.json/md + plots"
+        "evaluate", help="score exit policies over threshold grids; write accuracy.json/md + plots",
+        description="Score every exit policy on a model's held-out data: thresholds chosen on validation, "
+                    "scored on test. Default: the model's own val/test split (its split.json).",
     )
     p.add_argument("--model", help="model dir (default: the shipped BBC model)")
-    p.add_argument("--data", default="bbc", help="bbc (test split) | file.jsonl | file.csv | hf:NAME[:SPLIT]")
-    p.add_argument("--val-data", help="labelled set to choose thresholds on (default: bbc val split)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--data", default=None,
+                   help="test data: bbc | tweets | FILE.jsonl|.csv|.parquet | a datasets dir | "
+                        "hf:NAME[:SPLIT] (default: the model's held-out test split from its "
+                        "split.json; the file it was trained on also means that split)")
+    p.add_argument("--val-data", help="labelled set to choose thresholds on (default: the model's validation "
+                                      "split, or a stratified 10%% of --data)")
+    p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    p.add_argument("--label-column", default="label", help="column holding the label (default: label)")
+    p.add_argument("--allow-training-rows", action="store_true",
+                   help="score rows the model trained on anyway (refused by default: such numbers "
+                        "overstate the accuracy on unseen text)")
     p.add_argument("--max-length", type=int, default=128, help="tokens (default 128)")
     p.add_argument(
         "--max-loss", type=float, default=0.5, help="accuracy points below full depth allowed on val"
     )
-    p.add_argument("--out", default="bench/results", help="output folder")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
+    p.add_argument("--no-plots", action="store_true", help="write no PNGs")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_evaluate)

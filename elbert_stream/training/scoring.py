@@ -1,6 +1,7 @@
 """Offline scoring shared by training and evaluation: tokenise, all-depth probabilities, threshold grids.
 
 * ``encode(tokenizer, texts, max_length)`` -> ``input_ids``/``attention_mask`` ``[N, T]``
+* ``tokenize`` / ``pad_batch``: unpadded token ids, padded per batch (training's batches)
 * ``all_depth_probs(model, ids, mask)`` -> softmax probabilities at every depth ``[L, N, K]``
 * ``policy_grid(name, L)`` -> the thresholds evaluated for each exit policy
 * ``score_policy(policy, probs, labels)`` -> accuracy, mean exit depth, speedup, histogram
@@ -38,20 +39,38 @@ def encode(
     return enc["input_ids"], enc["attention_mask"]
 
 
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Texts -> token ids per text (with special tokens, truncated to ``max_length``), unpadded."""
+    return [list(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (input_ids, attention_mask) ``[B, T]`` long, T = the longest in the batch."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, T]
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def all_depth_probs(
     model: ElbertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 64
 ) -> torch.Tensor:
-    """Probabilities at every depth, ``[L, N, K]`` float32 on CPU (model put in eval mode)."""
+    """Probabilities at every depth, ``[L, N, K]`` float32 on CPU, in input order (model put in eval
+    mode). Texts run in batches of similar length, each cut to its longest text."""
     model.eval()
-    out = []
+    order = attention_mask.sum(1).argsort(stable=True)  # [N] shortest first
+    out = torch.empty(model.num_layers, input_ids.shape[0], model.num_labels)  # [L, N, K]
     for start in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[start : start + batch_size].to(model.device)  # [b, T]
-        mask = attention_mask[start : start + batch_size].to(model.device)  # [b, T]
+        rows = order[start : start + batch_size]
+        mask = attention_mask[rows]  # [b, T]
         keep = int(mask.sum(1).max())  # drop all-padding columns
-        logits = model(ids[:, :keep], mask[:, :keep])  # [L, b, K]
-        out.append(logits.float().softmax(-1).cpu())
-    return torch.cat(out, dim=1)  # [L, N, K]
+        logits = model(input_ids[rows, :keep].to(model.device), mask[:, :keep].to(model.device))  # [L, b, K]
+        out[:, rows] = logits.float().softmax(-1).cpu()
+    return out
 
 
 def depth_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> list[float]:

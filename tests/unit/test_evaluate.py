@@ -154,3 +154,58 @@ def test_choose_exit_defaults_falls_back_to_most_accurate_when_budget_unreachabl
     probs[..., 1] = 1 - probs[..., 0]
     d, score = choose_exit_defaults(probs, labels, max_loss_points=0.0, policy="entropy")
     assert d.policy == "entropy" and score.accuracy == 0.5 and score.mean_exit_depth == 1.0
+
+
+@pytest.fixture()
+def trained_dir(tmp_path):
+    """A tiny model dir with the split.json of a run on data.jsonl (60 rows: 48/6/6)."""
+    from elbert_stream.training.splits import DataSpec, load_splits
+
+    path = save_tiny_model_dir(tmp_path / "trained", num_layers=4, pooling="mean")
+    data = write_labelled_jsonl(tmp_path / "data.jsonl", n=60, seed=5)
+    load_splits(DataSpec(data=str(data))).write(path / "split.json", seed=1234)
+    return path, data
+
+
+def _evaluate(*args: str) -> int:
+    return main(["evaluate", "--no-plots", "--threads", "1", *args])
+
+
+def test_evaluate_defaults_to_the_models_own_held_out_split(trained_dir, tmp_path) -> None:
+    model_dir, data = trained_dir
+    for extra in ([], ["--data", str(data)]):  # the training file itself also means its held-out split
+        assert _evaluate("--model", str(model_dir), "--out", str(tmp_path / "r"), *extra) == 0
+        report = json.loads((tmp_path / "r" / "accuracy.json").read_text())
+        assert report["n_test"] == 6 and report["n_val"] == 6
+        assert report["data"]["test"].startswith("held-out test split of ")
+
+
+def test_evaluate_refuses_rows_the_model_trained_on(trained_dir, tmp_path, capsys, caplog) -> None:
+    model_dir, data = trained_dir
+    val = write_labelled_jsonl(tmp_path / "val.jsonl", n=6, seed=99)
+    args = ["--model", str(model_dir), "--data", str(data), "--val-data", str(val),
+            "--out", str(tmp_path / "r")]
+    assert _evaluate(*args) == 1
+    err = capsys.readouterr().err
+    assert "DataError" in err and "48 of the 60 test rows" in err and "--allow-training-rows" in err
+    assert not (tmp_path / "r").exists()
+    assert _evaluate(*args, "--allow-training-rows") == 0
+    report = json.loads((tmp_path / "r" / "accuracy.json").read_text())
+    assert report["data"]["training_rows_scored"]["test"] == 48 and "OVERSTATE" in caplog.text
+
+
+def test_evaluate_without_data_needs_the_models_split(tiny_dir, tmp_path, capsys) -> None:
+    assert _evaluate("--model", str(tiny_dir), "--out", str(tmp_path / "r")) == 1
+    assert "has no split.json" in capsys.readouterr().err
+
+
+def test_evaluate_without_matplotlib_skips_plots_with_a_warning(
+    trained_dir, tmp_path, monkeypatch, caplog
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "r"
+    assert main(["evaluate", "--threads", "1", "--model", str(trained_dir[0]), "--out", str(out)]) == 0
+    assert (out / "accuracy.json").is_file() and (out / "accuracy.md").is_file()
+    assert not list(out.glob("*.png")) and "matplotlib is not installed: no plots" in caplog.text
