@@ -3,7 +3,10 @@
 Probabilities at every depth are computed once (``[L, N, K]``) for a validation and a test
 set; every policy (confidence_window, entropy, patience, none) is scored over its threshold grid
 with ``engine.policy.exit_depths_offline``. Per policy, the thresholds are chosen on VALIDATION (the
-fastest setting within ``--max-loss`` accuracy points of full depth) and reported on test.
+fastest setting within ``--max-loss`` accuracy points of full depth) and reported on test; and
+``compare.compare_rules`` puts every rule (PCEE-style too) under equal layer and loss budgets chosen
+on validation, with paired bootstrap intervals on test. No headline number is chosen on test (the
+per-policy ``frontier`` over the test grid is kept in the JSON as a description only).
 Baselines: full depth, and transformers' own ``AlbertForSequenceClassification`` on the same weights.
 Writes ``accuracy.json``, ``accuracy.md`` and PNG plots to ``--out``.
 
@@ -25,6 +28,7 @@ import torch
 
 from elbert_stream.engine.model import ElbertModel, load_tokenizer, shipped_model_dir
 from elbert_stream.engine.policy import POLICIES, ExitPolicy
+from elbert_stream.training.compare import compare_rules, comparison_markdown
 from elbert_stream.training.data import Dataset
 from elbert_stream.training.files import Columns
 from elbert_stream.training.scoring import (
@@ -39,8 +43,6 @@ from elbert_stream.training.scoring import (
 from elbert_stream.training.splits import evaluation_sets
 
 log = logging.getLogger(__name__)
-
-COMPARE_DEPTHS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -62,16 +64,6 @@ def frontier(scores: list[PolicyScore]) -> list[tuple[float, float]]:
         if not out or acc > out[-1][1]:
             out.append((depth, acc))
     return out
-
-
-def interpolate(front: list[tuple[float, float]], depth: float) -> float | None:
-    """Best accuracy reachable at mean exit depth ``depth`` (linear between frontier points)."""
-    if not front or depth < front[0][0]:
-        return None
-    for (d0, a0), (d1, a1) in zip(front, front[1:], strict=False):
-        if d0 <= depth <= d1:
-            return a0 + (a1 - a0) * (depth - d0) / (d1 - d0) if d1 > d0 else max(a0, a1)
-    return front[-1][1]
 
 
 def evaluate_policies(
@@ -102,34 +94,6 @@ def evaluate_policies(
             "frontier": [{"mean_exit_depth": d, "accuracy": a} for d, a in frontier(grid)],
         }
     return out
-
-
-def equal_depth_comparison(policies: dict[str, Any]) -> dict[str, Any]:
-    """Test accuracy of each policy's frontier interpolated at equal mean exit depths."""
-    fronts = {
-        n: [(p["mean_exit_depth"], p["accuracy"]) for p in policies[n]["frontier"]]
-        for n in ("confidence_window", "entropy", "patience")
-    }
-    rows = []
-    for depth in COMPARE_DEPTHS:
-        acc = {n: interpolate(f, depth) for n, f in fronts.items()}
-        cw = acc["confidence_window"]
-        others = [a for n, a in acc.items() if n != "confidence_window" and a is not None]
-        rows.append(
-            {
-                "mean_exit_depth": depth,
-                **acc,
-                "confidence_window_at_least_as_accurate": None
-                if cw is None or not others
-                else all(cw >= a - 1e-9 for a in others),
-            }
-        )
-    verdicts = [
-        r["confidence_window_at_least_as_accurate"]
-        for r in rows
-        if r["confidence_window_at_least_as_accurate"] is not None
-    ]
-    return {"rows": rows, "confidence_window_wins_or_ties": sum(verdicts), "compared": len(verdicts)}
 
 
 def hf_baseline(
@@ -187,7 +151,7 @@ def run_evaluation(
         "model_defaults": score_policy(saved, *test).to_dict(),
         "baselines": hf_baseline(model, t_ids, t_mask, test[1], test[0][-1]),
         "policies": policies,
-        "equal_depth_comparison": equal_depth_comparison(policies),
+        "comparison": compare_rules(val, test),
     }
     return report, test[0]
 
@@ -200,7 +164,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"Command: `{report['command']}`",
         "",
         f"Test n={report['n_test']}, val n={report['n_val']}; thresholds chosen on validation "
-        f"(fastest within {report['max_loss_points']} points of full depth).",
+        f"(fastest within {report['max_loss_points']} points of full depth)."
+        + (f" Test: {report['data']['test']}; val: {report['data']['val']}." if "data" in report else ""),
         "",
         f"Full-depth test accuracy: **{report['full_depth_accuracy'] * 100:.2f}%**",
         "",
@@ -227,17 +192,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{b['elbert_pooling']}-pooled head: {b['hf_encoder_with_elbert_head_accuracy'] * 100:.2f}% "
         f"(max |prob diff| vs ELBERT full depth {b['hf_encoder_vs_full_depth_max_abs_prob_diff']:.1e}).",
         "",
-        "## Equal mean exit depth (test frontier over each grid, linear interpolation)",
-        "",
-        "| mean exit depth | confidence_window | entropy | patience | cw >= both |",
-        "| --- | --- | --- | --- | --- |",
     ]
-    fmt = lambda a: "-" if a is None else f"{a * 100:.2f}%"
-    for r in report["equal_depth_comparison"]["rows"]:
-        lines.append(
-            f"| {r['mean_exit_depth']} | {fmt(r['confidence_window'])} | {fmt(r['entropy'])} | "
-            f"{fmt(r['patience'])} | {r['confidence_window_at_least_as_accurate']} |"
-        )
+    lines += comparison_markdown(report["comparison"])
     path.write_text("\n".join(lines) + "\n")
 
 

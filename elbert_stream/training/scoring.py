@@ -25,10 +25,14 @@ from elbert_stream.engine.policy import REASON_NAMES, ExitPolicy, exit_depths_of
 
 log = logging.getLogger(__name__)
 
-TAUS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
-WINDOWS = (2, 3, 4, 5, 6)
-PATIENCES = (1, 2, 3, 4, 5, 6)
+# threshold grids of comparable size, each spanning its rule's range (issue #14): entropy 120,
+# confidence_window 128, patience 66 at L = 12 (every patience and min_depth up to 6 it has)
+ENTROPY_TAUS = tuple(t / 40 for t in range(1, 41))  # 0.025 .. 1.0
+WINDOW_TAUS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
+WINDOWS = (2, 3, 4, 5)
+WINDOW_MIN_DEPTHS = (1, 3)
 MIN_DEPTHS = (1, 2, 3)
+PATIENCE_MAX_MIN_DEPTH = 6
 
 
 def encode(
@@ -79,21 +83,23 @@ def depth_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> list[float]:
 
 
 def policy_grid(name: str, num_layers: int) -> list[ExitPolicy]:
-    """Every threshold setting evaluated for policy ``name``."""
+    """Every threshold setting evaluated for policy ``name`` (the grids above)."""
     mins = [m for m in MIN_DEPTHS if m <= num_layers]
     if name == "none":
         return [ExitPolicy.of("none", num_layers)]
     if name == "entropy":
-        return [ExitPolicy.of("entropy", num_layers, tau=t, min_depth=m) for t in TAUS[1:] for m in mins]
+        return [ExitPolicy.of("entropy", num_layers, tau=t, min_depth=m) for t in ENTROPY_TAUS for m in mins]
     if name == "patience":
+        top = min(PATIENCE_MAX_MIN_DEPTH, num_layers)
         return [ExitPolicy.of("patience", num_layers, patience=p, min_depth=m)
-                for p in PATIENCES for m in mins]
+                for p in range(1, max(2, num_layers)) for m in range(1, top + 1)]
     return [
         ExitPolicy.of("confidence_window", num_layers, tau=t, window=w, require_rising=r, min_depth=m)
-        for t in TAUS
+        for t in WINDOW_TAUS
         for w in WINDOWS
         for r in (False, True)
-        for m in mins
+        for m in WINDOW_MIN_DEPTHS
+        if m <= num_layers
     ]
 
 

@@ -14,7 +14,7 @@ from elbert_stream.engine.classify import classify_texts
 from elbert_stream.engine.engine import Engine
 from elbert_stream.engine.model import ElbertModel, load_tokenizer
 from elbert_stream.engine.policy import POLICIES, ExitPolicy, exit_depths_offline
-from elbert_stream.training.evaluate import frontier, interpolate
+from elbert_stream.training.evaluate import frontier
 from elbert_stream.training.scoring import PolicyScore, all_depth_probs, choose_exit_defaults, encode
 from elbert_stream.types import Prediction
 
@@ -47,9 +47,12 @@ def test_evaluate_writes_required_json_markdown_and_plots(tiny_dir, tmp_path) ->
     base = report["baselines"]
     assert base["hf_encoder_vs_full_depth_max_abs_prob_diff"] < 1e-5  # HF's encoder = our L applications
     assert "hf_albert_for_sequence_classification_accuracy" in base
-    assert len(report["equal_depth_comparison"]["rows"]) > 0
+    cmp = report["comparison"]
+    assert [b["label"] for b in cmp["budgets"]][:3] == [f"{n}x fewer layers" for n in (2, 3, 4)]
+    assert set(cmp["curves"]) == {"confidence_window", "entropy", "patience", "pcee"}
+    assert "## Exit rules at equal budgets" in (out / "accuracy.md").read_text()
     assert "| confidence_window |" in (out / "accuracy.md").read_text()
-    for png in ("accuracy_frontier.png", "exit_depth_histogram.png", "confidence_trajectories.png"):
+    for png in ("accuracy_vs_depth.png", "exit_depth_histogram.png", "confidence_trajectories.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -120,15 +123,12 @@ def test_text_output_names_label_and_depth(tiny_dir, capsys) -> None:
     assert "exit_depth=" in out and out.split("\t")[0] in LABELS
 
 
-def test_frontier_and_interpolation() -> None:
+def test_frontier() -> None:
     def s(depth: float, acc: float) -> PolicyScore:
         return PolicyScore({}, acc, depth, 12 / depth, [], {})
 
     front = frontier([s(2, 0.8), s(3, 0.9), s(3, 0.85), s(4, 0.88), s(6, 0.95)])
     assert front == [(2, 0.8), (3, 0.9), (6, 0.95)]
-    assert interpolate(front, 1.0) is None
-    assert interpolate(front, 2.5) == pytest.approx(0.85)
-    assert interpolate(front, 7.0) == 0.95
 
 
 def test_choose_exit_defaults_respects_loss_budget() -> None:
