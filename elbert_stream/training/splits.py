@@ -83,6 +83,10 @@ def _gather(spec: DataSpec) -> tuple[dict[str, list[Row]], dict[str, str], list[
         plain = Columns(spec.columns.text, spec.columns.label)
         tables = {s: read_table(f, plain) for s, f in zip(SPLITS, (spec.train, spec.val, spec.test),
                                                           strict=True) if f}
+        for s, t in tables.items():
+            if any(r.split for r in t.rows):
+                raise ConfigError(f"--{s} {t.source!r} names its own splits (a datasets DatasetDict); give "
+                                  "it as --data DIR instead")
         rows = {s: t.rows for s, t in tables.items()}
         return rows, {s: t.source for s, t in tables.items()}, \
             tables["train"].label_names or label_names_of(rows["train"])

@@ -235,7 +235,9 @@ def finish(cfg: TrainConfig, result: TrainResult) -> Path:
     out = Path(cfg.out)
     model.save_pretrained(out, tokenizer=tok, dtype=dtype)
     data.write(out / "split.json", cfg.split_seed)
-    write_model_card(out, cfg, model, probs, result.train_seconds, result.steps)
+    note = ", ".join(f"{s} {len(d)} rows of {data.sources[s]}" for s, d in data.parts.items())
+    write_model_card(out, cfg, model, probs, result.train_seconds, result.steps,
+                     f"{note} (split seed {cfg.split_seed})")
     if not cfg.keep_checkpoint:
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
     return out

@@ -168,6 +168,7 @@ def test_parquet_file(tmp_path) -> None:
 
 def test_datasets_save_to_disk_dirs(tmp_path) -> None:
     datasets = pytest.importorskip("datasets")
+    from elbert_stream.errors import ConfigError
     from elbert_stream.training.splits import DataSpec, load_splits
 
     features = datasets.Features({"text": datasets.Value("string"),
@@ -183,6 +184,8 @@ def test_datasets_save_to_disk_dirs(tmp_path) -> None:
     run = load_splits(DataSpec(data=str(tmp_path / "dict")))
     assert [len(run.parts[s]) for s in ("train", "val", "test")] == [40, 6, 4]
     assert run.parts["val"].examples[0].id == "validation/1"
+    with pytest.raises(ConfigError, match="names its own splits .* give it as --data DIR"):
+        load_splits(DataSpec(data=None, train=str(tmp_path / "dict")))
 
 
 def test_a_datasets_dir_without_the_package_says_what_to_install(tmp_path, monkeypatch) -> None:

@@ -172,7 +172,9 @@ def test_finish_saves_a_loadable_dir_with_split_card_and_exit_defaults(tmp_path)
     assert model.label_names == sorted(LABELS) and model.num_layers == 3
     assert model.extras.exit.policy == "confidence_window"
     assert load_tokenizer(out)("market")["input_ids"]
-    assert (out / "split.json").is_file() and "Accuracy per depth" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert (out / "split.json").is_file() and "Accuracy per depth" in card
+    assert "train 24 rows of " in card and "data.jsonl (split seed 1234)" in card
     assert not (out / "checkpoint").exists()
 
 
