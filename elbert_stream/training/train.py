@@ -196,15 +196,17 @@ def _loop(
                 if step % 20 == 0 or step == progress.start_step + 1:
                     log.info("%s; loss %.4f CE first/last %.3f/%.3f w_L %.3f", progress.summary(),
                              loss.item(), ce[0].item(), ce[-1].item(), model.depth_weights()[-1].item())
-            val_acc = depth_accuracy(all_depth_probs(model, *val_t[:2]), val_t[2])
-            log.info(
-                "epoch %d (step %d) val accuracy per depth: %s",
-                epoch + 1,
-                step,
-                " ".join(f"{a * 100:.1f}" for a in val_acc),
-            )
+            val_acc = _validate(model, val_t, epoch, step)
             _save_checkpoint(cfg, model, opt, sched, step, time.perf_counter() - start)
     return val_acc, time.perf_counter() - start
+
+
+def _validate(model: ElbertModel, val_t: tuple, epoch: int, step: int) -> list[float]:
+    """Validation accuracy per depth on ``val_t`` = (ids, mask, labels), logged."""
+    val_acc = depth_accuracy(all_depth_probs(model, *val_t[:2]), val_t[2])
+    log.info("epoch %d (step %d) val accuracy per depth: %s", epoch + 1, step,
+             " ".join(f"{a * 100:.1f}" for a in val_acc))
+    return val_acc
 
 
 def finish(cfg: TrainConfig, result: TrainResult) -> Path:
@@ -249,7 +251,7 @@ TRAIN_EPILOG = """examples:
   elbert-stream train --recipe bbc-minilm --data all.csv --split-column split --label-column topic --out mine
   elbert-stream train --recipe bbc-minilm --data tweets --out tweets-elbert --epochs 1
 Files: JSONL, CSV (UTF-8, header row), Parquet, or a dir saved by datasets' save_to_disk. Labels are
-names or integers; a split not given is carved from the training rows (10%% per class). The model is
+names or integers; a split not given is carved from the training rows (10% per class). The model is
 named after --out unless --name is given; evaluate it with: elbert-stream evaluate --model mine"""
 
 
@@ -259,11 +261,12 @@ def add_cli(subparsers: Any) -> None:
         description="Fine-tune an ELBERT model with the ELBERT loss; save it with exit defaults chosen "
                     "on validation, split.json and MODEL_CARD.md.",
         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe; other flags override it")
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="a named recipe: its values replace the defaults below; flags given override it")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/state.pt")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata['help']} (default: {f.default})"
+        text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
