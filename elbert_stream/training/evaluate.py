@@ -200,28 +200,48 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = Path(args.model) if args.model else shipped_model_dir()
+    command = args.command_line or getattr(args, "invocation", None) or \
+        shlex.join(["elbert-stream", *sys.argv[1:]])
+    dirs = [Path(m) for m in args.model] if args.model else [shipped_model_dir()]
+    if len(dirs) == 1:
+        _evaluate_one(dirs[0], args, Path(args.out), command)
+        return 0
+    from elbert_stream.training.seeds import summarise, summary_markdown
+
+    reports, names = [], set()
+    for i, model_dir in enumerate(dirs):
+        name = ElbertModel.from_pretrained(model_dir).extras.name or "model"
+        name = name if name not in names else f"{name}-{i + 1}"
+        names.add(name)
+        reports.append(_evaluate_one(model_dir, args, Path(args.out) / name, command))
+    summary = {"command": command, **summarise(reports)}
+    out = Path(args.out)
+    (out / "accuracy_seeds.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "accuracy_seeds.md").write_text(summary_markdown(summary, command))
+    log.info("wrote %s/accuracy_seeds.{json,md} over %d models", out, len(reports))
+    return 0
+
+
+def _evaluate_one(model_dir: Path, args: argparse.Namespace, out: Path, command: str) -> dict[str, Any]:
+    """Evaluate one model dir into ``out`` (accuracy.json, accuracy.md, PNGs); returns the report."""
     model = ElbertModel.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
     sets = evaluation_sets(model_dir, args.data, args.val_data, Columns(args.text_column, args.label_column),
                            args.allow_training_rows)
-    log.info("thresholds on %s (%d rows); scored on %s (%d rows)", sets.described["val"], len(sets.val),
-             sets.described["test"], len(sets.test))
+    log.info("%s: thresholds on %s (%d rows); scored on %s (%d rows)", model_dir, sets.described["val"],
+             len(sets.val), sets.described["test"], len(sets.test))
     t0 = time.perf_counter()
     report, test_probs = run_evaluation(model, tokenizer, sets.val, sets.test, args.max_length, args.max_loss)
-    report["command"] = (
-        args.command_line or getattr(args, "invocation", None) or shlex.join(["elbert-stream", *sys.argv[1:]])
-    )
+    report["command"] = command
     report["data"] = {**sets.described, "training_rows_scored": sets.training_rows}
     report["eval_seconds"] = time.perf_counter() - t0
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(report, out / "accuracy.md")
     if not args.no_plots:
         _plots(report, test_probs, sets.test, out)
     log.info("wrote %s/accuracy.{json,md}: full depth %.4f", out, report["full_depth_accuracy"])
-    return 0
+    return report
 
 
 def _plots(report: dict[str, Any], test_probs: torch.Tensor, test_set: Dataset, out: Path) -> None:
@@ -243,7 +263,10 @@ def add_cli(subparsers: Any) -> None:
         description="Score every exit policy on a model's held-out data: thresholds chosen on validation, "
                     "scored on test. Default: the model's own val/test split (its split.json).",
     )
-    p.add_argument("--model", help="model dir (default: the shipped BBC model)")
+    p.add_argument("--model", action="append",
+                   help="model dir (default: the shipped BBC model); repeat it for several models (one "
+                        "per training seed): each is evaluated into OUT/NAME/ and accuracy_seeds.{json,md} "
+                        "summarise them")
     p.add_argument("--data", default=None,
                    help="test data: bbc | tweets | FILE.jsonl|.csv|.parquet | a datasets dir | "
                         "hf:NAME[:SPLIT] (default: the model's held-out test split from its "

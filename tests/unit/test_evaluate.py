@@ -29,7 +29,8 @@ def test_evaluate_writes_required_json_markdown_and_plots(tiny_dir, tmp_path) ->
     val = write_labelled_jsonl(tmp_path / "val.jsonl", n=18, seed=2)
     out = tmp_path / "results"
     rc = main(
-        ["evaluate", "--model", str(tiny_dir), "--data", str(test), "--val-data", str(val), "--out", str(out)]
+        ["evaluate", "--threads", "1", "--model", str(tiny_dir), "--data", str(test), "--val-data", str(val),
+         "--out", str(out)]
     )
     assert rc == 0
     report = json.loads((out / "accuracy.json").read_text())
@@ -209,3 +210,33 @@ def test_evaluate_without_matplotlib_skips_plots_with_a_warning(
     assert main(["evaluate", "--threads", "1", "--model", str(trained_dir[0]), "--out", str(out)]) == 0
     assert (out / "accuracy.json").is_file() and (out / "accuracy.md").is_file()
     assert not list(out.glob("*.png")) and "matplotlib is not installed: no plots" in caplog.text
+
+
+def test_evaluate_over_several_models_summarises_them(tmp_path) -> None:
+    """One model per training seed: each evaluated on its own held-out split, then summarised."""
+    from elbert_stream.training.splits import DataSpec, load_splits
+
+    dirs = []
+    for seed in (0, 1):
+        path = tmp_path / f"seed{seed}"
+        model = ElbertModel.from_pretrained(save_tiny_model_dir(path, num_layers=4, pooling="mean"))
+        torch.manual_seed(seed)
+        with torch.no_grad():  # another "training seed": another head
+            model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
+        model.extras.name = f"seed{seed}"
+        model.save_pretrained(path, tokenizer=load_tokenizer(path))
+        data = write_labelled_jsonl(tmp_path / f"data{seed}.jsonl", n=60, seed=5 + seed)
+        load_splits(DataSpec(data=str(data))).write(path / "split.json", seed=1234)
+        dirs += ["--model", str(path)]
+    out = tmp_path / "r"
+    assert _evaluate(*dirs, "--out", str(out)) == 0
+    per = [json.loads((out / f"seed{s}" / "accuracy.json").read_text()) for s in (0, 1)]
+    summary = json.loads((out / "accuracy_seeds.json").read_text())
+    assert summary["n_models"] == 2 and summary["models"] == ["seed0 v0", "seed1 v0"]
+    full = [r["full_depth_accuracy"] for r in per]
+    assert summary["full_depth_accuracy"]["mean"] == pytest.approx(sum(full) / 2)
+    assert summary["full_depth_accuracy"]["min"] == min(full)
+    two_x = summary["budgets"][0]["rules"]["entropy"]
+    accs = [r["comparison"]["budgets"][0]["rules"]["entropy"]["accuracy"] for r in per]
+    assert two_x["n"] == 2 and two_x["accuracy"]["max"] == max(accs)
+    assert "| 2x fewer layers |" in (out / "accuracy_seeds.md").read_text()
