@@ -29,7 +29,7 @@ import torch
 from elbert_stream.engine.model import ElbertModel, load_tokenizer, shipped_model_dir
 from elbert_stream.engine.policy import POLICIES, ExitPolicy
 from elbert_stream.training.compare import compare_rules, comparison_markdown
-from elbert_stream.training.data import Dataset
+from elbert_stream.training.data import DataError, Dataset
 from elbert_stream.training.files import Columns
 from elbert_stream.training.scoring import (
     PolicyScore,
@@ -52,7 +52,9 @@ def _labels_for(model: ElbertModel, ds: Dataset) -> torch.Tensor:
     try:
         return torch.tensor([names.index(ds.label_names[y]) for y in ds.labels])
     except ValueError as e:
-        raise ValueError(f"data labels {ds.label_names} do not match the model's {names}") from e
+        unknown = sorted(set(ds.label_names) - set(names))
+        raise DataError(f"data labels {unknown} are not among the model's labels {names}; evaluate on data "
+                        "labelled with the model's label names") from e
 
 
 # ---- evaluation -----------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def read_table(spec: str, columns: Columns = Columns()) -> Table:  # noqa: B008 
         return Table([Row(e.id, e.text, ds.label_names[e.label]) for e in ds.examples], spec, ds.label_names)
     if spec.startswith("hf:"):
         name, _, split = spec[3:].partition(":")
-        return load_hf(name, split or "train", columns.text, columns.label)
+        hub = load_hf(name, split or "train", columns.text, columns.label)
+        return Table(hub.rows, spec, hub.label_names)
     path = Path(spec)
     if path.is_dir():
         return _datasets_dir(path, columns)

@@ -240,3 +240,11 @@ def test_evaluate_over_several_models_summarises_them(tmp_path) -> None:
     accs = [r["comparison"]["budgets"][0]["rules"]["entropy"]["accuracy"] for r in per]
     assert two_x["n"] == 2 and two_x["accuracy"]["max"] == max(accs)
     assert "| 2x fewer layers |" in (out / "accuracy_seeds.md").read_text()
+
+
+def test_evaluate_refuses_labels_the_model_does_not_have(tiny_dir, tmp_path, capsys) -> None:
+    other = write_labelled_jsonl(tmp_path / "other.jsonl", n=20, seed=3, label_key="label")
+    other.write_text(other.read_text().replace('"alpha"', '"omega"'))
+    assert _evaluate("--model", str(tiny_dir), "--data", str(other), "--out", str(tmp_path / "r")) == 1
+    err = capsys.readouterr().err
+    assert "DataError: data labels ['omega'] are not among the model's labels" in err
