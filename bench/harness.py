@@ -194,13 +194,10 @@ class ReplayPolicy:
 # ---- the transformers baseline ----------------------------------------------------------------
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int,
               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest row: (input_ids ``[B, T]``, attention_mask ``[B, T]``)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+    """Right-pad to the longest row: (input_ids ``[B, T]``, attention_mask ``[B, T]``) on ``device``."""
+    from elbert_stream.training.scoring import pad_batch as pad
+
+    ids, mask = pad(rows, pad_id)
     return ids.to(device), mask.to(device)
 
 

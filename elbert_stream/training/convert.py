@@ -4,8 +4,8 @@
 ``bert_to_elbert(bert_dir, layer_index, ...)`` copies its embeddings (E = H, so ALBERT's
 ``embedding_hidden_mapping_in`` is set to the identity) and ONE of its transformer layers into
 ALBERT's shared layer, and returns the model with the BERT WordPiece tokenizer.
-``trim_vocab(model, tokenizer, texts)`` keeps only the word pieces a corpus uses plus every
-single-character piece (``x`` and ``##x``), so any text still tokenizes, and shrinks the embeddings.
+``trim_vocab(model, tokenizer)`` drops the word pieces that no text can ever produce and shrinks the
+embeddings: every text tokenizes into the same pieces, with the same embedding rows, as before.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-from collections.abc import Iterable
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -125,22 +125,55 @@ def bert_to_elbert(
     return model, tokenizer
 
 
-def trim_vocab(
-    model: ElbertModel, tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]
-) -> PreTrainedTokenizerBase:
-    """Keep the pieces ``texts`` use + special + all single-char pieces; shrink the embeddings in place.
+def _is_punctuation(c: str) -> bool:
+    """BERT's punctuation (``tokenizers``' ``is_bert_punc``): ASCII punctuation or Unicode ``P*``."""
+    cp = ord(c)
+    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or \
+        unicodedata.category(c).startswith("P")
 
-    Returns the new tokenizer; token ids are renumbered in the original order, so special tokens
-    keep their relative order ([PAD] stays 0 for BERT vocabularies).
+
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # BERT's "Chinese characters"
+
+
+def _is_cjk(c: str) -> bool:
+    return any(lo <= ord(c) <= hi for lo, hi in _CJK)
+
+
+def producible(piece: str, cjk_isolated: bool = True) -> bool:
+    """Whether BERT's WordPiece can ever look ``piece`` up, for any text.
+
+    BERT's pre-tokenizer makes every punctuation character (and, with ``tokenize_chinese_chars``,
+    every CJK character) a word of its own, and WordPiece only looks up substrings of one word: the
+    word's start as is, any later part with ``##`` in front. So a piece longer than one character
+    that contains such a character can never be a word's start, and a ``##`` piece whose rest
+    contains one can never be a later part (a one-character word has none). Such pieces are never
+    looked up, so removing them changes no lookup and no text's tokens.
     """
+    def isolated(c: str) -> bool:
+        return _is_punctuation(c) or (cjk_isolated and _is_cjk(c))
+
+    as_start = len(piece) == 1 or not any(isolated(c) for c in piece)
+    as_rest = piece.startswith("##") and len(piece) > 2 and not any(isolated(c) for c in piece[2:])
+    return as_start or as_rest
+
+
+def trim_vocab(model: ElbertModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Drop the pieces no text can produce (``producible``; special tokens stay) from a BERT WordPiece
+    tokenizer and the model's word embeddings, in place; returns the new tokenizer.
+
+    Every text tokenizes into the same pieces as with ``tokenizer`` and each piece keeps its
+    embedding row; ids are renumbered in the original order, so special tokens keep their relative
+    order ([PAD] stays 0 for BERT vocabularies). For MiniLM's 30,522 pieces this drops the
+    ``[unused*]`` pieces and those with punctuation or CJK inside (1,331).
+    """
+    if not isinstance(tokenizer, BertTokenizer):
+        raise ModelLoadError(f"trim_vocab needs a BERT WordPiece tokenizer, got {type(tokenizer).__name__}")
+    kw = tokenizer.init_kwargs
+    cjk = bool(kw.get("tokenize_chinese_chars", True))
     vocab: dict[str, int] = tokenizer.get_vocab()
-    used: set[int] = set(tokenizer.all_special_ids)
-    for text in texts:
-        used.update(tokenizer(text, add_special_tokens=False)["input_ids"])
-    for piece, idx in vocab.items():
-        if len(piece) == 1 or (piece.startswith("##") and len(piece) == 3):
-            used.add(idx)
-    keep = sorted(used)
+    special = set(tokenizer.all_special_ids)
+    keep = sorted(i for piece, i in vocab.items() if i in special or producible(piece, cjk))
     by_id = {i: p for p, i in vocab.items()}
     new_vocab = {by_id[old]: new for new, old in enumerate(keep)}
     emb = model.embeddings.word_embeddings
@@ -155,8 +188,10 @@ def trim_vocab(
         old = getattr(model.config, f"{name}_token_id", None)
         if old is not None and old in by_id:
             setattr(model.config, f"{name}_token_id", new_vocab[by_id[old]])
-    new_tok = BertTokenizer(vocab=new_vocab, do_lower_case=True, model_max_length=tokenizer.model_max_length)
-    log.info("trimmed vocabulary %d -> %d pieces", len(vocab), len(keep))
+    new_tok = BertTokenizer(vocab=new_vocab, do_lower_case=kw.get("do_lower_case", True),
+                            strip_accents=kw.get("strip_accents"), tokenize_chinese_chars=cjk,
+                            model_max_length=tokenizer.model_max_length)
+    log.info("trimmed vocabulary %d -> %d pieces (dropped those no text can produce)", len(vocab), len(keep))
     return new_tok
 
 

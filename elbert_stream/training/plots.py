@@ -14,6 +14,7 @@ COLORS = {
     "confidence_window": "tab:blue",
     "entropy": "tab:orange",
     "patience": "tab:green",
+    "pcee": "tab:red",
     "none": "tab:gray",
 }
 
@@ -21,14 +22,15 @@ COLORS = {
 def write_plots(
     report: dict[str, Any], test_probs: torch.Tensor, test_set: Dataset, out: Path, num_trajectories: int = 6
 ) -> list[Path]:
-    """Frontier, exit-depth histogram and confidence trajectories; returns the PNG paths."""
+    """Accuracy vs mean exit depth per rule, exit-depth histogram and confidence trajectories; returns
+    the PNG paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = [
-        _frontier(plt, report, out / "accuracy_frontier.png"),
+        _accuracy_vs_depth(plt, report, out / "accuracy_vs_depth.png"),
         _histogram(plt, report, out / "exit_depth_histogram.png"),
         _trajectories(
             plt, report, test_probs, test_set, out / "confidence_trajectories.png", num_trajectories
@@ -37,38 +39,30 @@ def write_plots(
     return paths
 
 
-def _frontier(plt: Any, report: dict[str, Any], path: Path) -> Path:
+def _accuracy_vs_depth(plt: Any, report: dict[str, Any], path: Path) -> Path:
+    """Test accuracy against test mean exit depth, one curve per rule: each point is the setting a
+    layer budget picks on validation (``compare.compare_rules``' curves); the 2x/3x/4x picks starred."""
+    cmp = report["comparison"]
     num_layers = report["num_layers"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, p in report["policies"].items():
-        if name == "none":
-            continue
-        pts = p["frontier"]
-        ax.plot(
-            [num_layers / q["mean_exit_depth"] for q in pts],
-            [q["accuracy"] * 100 for q in pts],
-            marker=".",
-            color=COLORS[name],
-            label=f"{name} (test frontier)",
-        )
-        ax.scatter(
-            [p["speedup"]],
-            [p["accuracy"] * 100],
-            marker="*",
-            s=160,
-            color=COLORS[name],
-            edgecolor="k",
-            zorder=5,
-            label=f"{name}: chosen on val",
-        )
+    for name, pts in cmp["curves"].items():
+        pts = sorted(pts, key=lambda q: q["mean_exit_depth"])
+        ax.plot([q["mean_exit_depth"] for q in pts], [q["accuracy"] * 100 for q in pts], marker=".",
+                color=COLORS[name], label=name)
+        chosen = [b["rules"][name] for b in cmp["budgets"] if b["budget"] == "layers" and b["rules"][name]]
+        ax.scatter([e["mean_exit_depth"] for e in chosen], [e["accuracy"] * 100 for e in chosen], marker="*",
+                   s=120, color=COLORS[name], edgecolor="k", zorder=5)
     full = report["full_depth_accuracy"] * 100
     ax.axhline(full, color="k", ls="--", lw=1, label=f"full depth {full:.1f}%")
     ax.axhline(full - 1.0, color="k", ls=":", lw=1, label="full depth - 1 point")
-    ax.set_xlabel(f"layer speedup (L / mean exit depth, L={num_layers})")
+    for speedup in (2, 3, 4):
+        ax.axvline(num_layers / speedup, color="0.8", lw=1, zorder=0)
+    ax.set_xlabel(f"test mean exit depth (of L={num_layers}); grey lines: 4x, 3x, 2x fewer layers")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(max(0.0, full - 15), 100.5)
-    ax.set_title(f"{report['model']}: accuracy vs speedup per exit policy")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.set_ylim(max(0.0, full - 15), min(100.5, full + 5))
+    ax.set_title(f"{report['model']}: thresholds chosen on validation per layer budget (stars: 2x, 3x, 4x)",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,7 +4,7 @@ learning-rate groups and schedule (``make_optimizer``). The run itself is ``trai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from elbert_stream.engine.model import ElbertModel, load_tokenizer
 from elbert_stream.errors import ConfigError
-from elbert_stream.training.data import DEFAULT_SEED, Dataset
+from elbert_stream.training.data import DEFAULT_SEED
 
 SMALL_CONFIGS: dict[str, dict[str, int]] = {
     "albert-tiny": {
@@ -33,40 +33,64 @@ SMALL_CONFIGS: dict[str, dict[str, int]] = {
 }
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A ``TrainConfig`` field with its ``--flag`` help text (documented once, here)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on (saved in the checkpoint and the model card)."""
+    """Everything a training run depends on (saved in the checkpoint and the model card). Each field
+    is a ``train`` flag (``--text-column`` for ``text_column``) whose help is the field's text."""
 
-    out: str = "elbert-out"
-    init: str = "albert-tiny"  # ALBERT dir | SMALL_CONFIGS name | "minilm"
-    tokenizer: str | None = None  # dir with tokenizer files; None = from init or SentencePiece
-    data: str = "bbc"
-    text_column: str = "text"
-    label_column: str = "label"
-    split_seed: int = DEFAULT_SEED
-    seed: int = 0
-    num_layers: int = 12
-    minilm_layer: int = 2
-    pooling: str = "cls"
-    max_length: int = 128
-    epochs: int = 3
-    max_steps: int | None = None
-    batch_size: int = 16
-    lr: float = 1e-4
-    head_lr: float = 1e-3
-    depth_lr: float = 1e-2  # constant: no warmup/decay (the authors' way)
-    depth_with_encoder: bool = False  # True: t follows the encoder's warmup/decay and clip (pre-#12)
-    weight_decay: float = 0.01
-    warmup: float = 0.06
-    trim_vocab: bool = False
-    new_head: bool = False  # --init DIR: a fresh classifier (no head, or one for other labels)
-    save_dtype: str = "float16"
-    max_loss_points: float = 0.5
-    threads: int | None = None
-    keep_checkpoint: bool = False
-    checkpoint_every: int = 50  # steps; also at every epoch end
-    name: str = "elbert"
-    version: str = "0"
+    out: str = _opt("elbert-out", "output dir: the trained model, split.json, MODEL_CARD.md")
+    init: str = _opt("albert-tiny", "start from: an ALBERT checkpoint dir, albert-tiny|albert-small "
+                     "(random init), or minilm (MiniLM-L6 layer as the shared layer)")
+    tokenizer: str | None = _opt(None, "dir with tokenizer files (default: the init's, or a "
+                                 "SentencePiece model trained on the training split)")
+    data: str | None = _opt("bbc", "one labelled set split 80/10/10 (or by --split-column): bbc, "
+                            "tweets, FILE.jsonl|.csv|.parquet, a datasets save_to_disk dir, hf:NAME")
+    train: str | None = _opt(None, "training file (JSONL/CSV/Parquet/datasets dir); replaces --data")
+    val: str | None = _opt(None, "validation file (exit thresholds, per-epoch accuracy); default: "
+                           "10%% of --train, stratified")
+    test: str | None = _opt(None, "test file (the model card's numbers); default: 10%% of --train")
+    split_column: str | None = _opt(None, "column naming each row's split (train, val|validation|"
+                                    "dev, test) in the --data file")
+    text_column: str = _opt("text", "column holding the text")
+    label_column: str = _opt("label", "column holding the label (a name or an integer)")
+    split_seed: int = _opt(DEFAULT_SEED, "seed of the stratified split")
+    seed: int = _opt(0, "seed of the initialisation, batch order and dropout")
+    num_layers: int = _opt(12, "depths: how often the shared layer is applied (one exit per depth)")
+    minilm_layer: int = _opt(2, "--init minilm: which MiniLM layer (0-based) becomes the shared one")
+    pooling: str = _opt("cls", "exit head pooling: cls or mean")
+    max_length: int = _opt(128, "tokens per text (longer texts are truncated)")
+    epochs: int = _opt(3, "passes over the training split")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps (overrides --epochs)")
+    batch_size: int = _opt(16, "texts per step; each batch is padded to its own longest text")
+    lr: float = _opt(1e-4, "encoder learning rate (linear warmup, then linear decay)")
+    head_lr: float = _opt(1e-3, "exit head learning rate")
+    depth_lr: float = _opt(1e-2, "learning rate of the depth logits t (constant: the authors' way)")
+    depth_with_encoder: bool = _opt(False, "t follows the encoder's warmup/decay and gradient clip "
+                                    "(the pre-#12 way)")
+    weight_decay: float = _opt(0.01, "AdamW weight decay (encoder and head weights)")
+    warmup: float = _opt(0.06, "fraction of the steps spent warming up")
+    trim_vocab: bool = _opt(False, "drop the word pieces no text can ever produce (punctuation or "
+                            "CJK inside a longer piece, [unused*]); every text tokenizes as before")
+    new_head: bool = _opt(False, "--init DIR: a fresh classifier (no head, or one for other labels)")
+    save_dtype: str = _opt("float16", "dtype of the saved weights: float16, bfloat16 or float32")
+    max_loss_points: float = _opt(0.5, "exit defaults: the fastest setting within this many accuracy "
+                                  "points of full depth on validation")
+    threads: int | None = _opt(None, "torch CPU threads (1 is fastest on a busy machine)")
+    keep_checkpoint: bool = _opt(False, "keep OUT/checkpoint after a finished run")
+    checkpoint_every: int = _opt(50, "checkpoint every this many steps (and at every epoch end)")
+    name: str | None = _opt(None, "the model's name (in its config, outputs and card); default: the "
+                            "--out dir's name")
+    version: str = _opt("0", "the model's version string")
+
+    @property
+    def model_name(self) -> str:
+        """``name``, else the output dir's name (a run is named after what the user called it)."""
+        return self.name or Path(self.out).resolve().name
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -84,7 +108,6 @@ RECIPES: dict[str, dict[str, Any]] = {
         max_length=128,
         trim_vocab=True,
         threads=1,
-        name="bbc-elbert",
         version="1",
     ),
 }
@@ -98,16 +121,16 @@ def _sentencepiece(texts: list[str], out: Path) -> PreTrainedTokenizerBase:
 
 # ---- initialisation ---------------------------------------------------------------------------
 def init_model(
-    cfg: TrainConfig, data: Dataset, train_texts: list[str]
+    cfg: TrainConfig, names: list[str], train_texts: list[str]
 ) -> tuple[ElbertModel, PreTrainedTokenizerBase]:
-    """The model + tokenizer a run starts from (deterministic in cfg and data)."""
-    names = data.label_names
+    """The model + tokenizer a run starts from, for labels ``names`` (deterministic in cfg and data;
+    ``train_texts`` only train a SentencePiece tokenizer where one is needed)."""
     if cfg.init == "minilm":
         from elbert_stream.training.convert import bert_to_elbert, minilm_dir, trim_vocab
 
         model, tok = bert_to_elbert(minilm_dir(), cfg.minilm_layer, cfg.num_layers, names, cfg.pooling)
         if cfg.trim_vocab:
-            tok = trim_vocab(model, tok, data.texts)
+            tok = trim_vocab(model, tok)
     elif cfg.init in SMALL_CONFIGS:
         tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else _sentencepiece(train_texts, Path(cfg.out))
         kwargs: dict[str, Any] = dict(
@@ -130,7 +153,7 @@ def init_model(
         tok = load_tokenizer(cfg.tokenizer or cfg.init)
     else:
         raise ConfigError(f"--init {cfg.init!r} is neither an ALBERT dir nor one of {sorted(SMALL_CONFIGS)}")
-    model.extras.name, model.extras.version = cfg.name, cfg.version
+    model.extras.name, model.extras.version = cfg.model_name, cfg.version
     return model, tok
 
 

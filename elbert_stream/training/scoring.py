@@ -1,6 +1,7 @@
 """Offline scoring shared by training and evaluation: tokenise, all-depth probabilities, threshold grids.
 
 * ``encode(tokenizer, texts, max_length)`` -> ``input_ids``/``attention_mask`` ``[N, T]``
+* ``tokenize`` / ``pad_batch``: unpadded token ids, padded per batch (training's batches)
 * ``all_depth_probs(model, ids, mask)`` -> softmax probabilities at every depth ``[L, N, K]``
 * ``policy_grid(name, L)`` -> the thresholds evaluated for each exit policy
 * ``score_policy(policy, probs, labels)`` -> accuracy, mean exit depth, speedup, histogram
@@ -24,10 +25,14 @@ from elbert_stream.engine.policy import REASON_NAMES, ExitPolicy, exit_depths_of
 
 log = logging.getLogger(__name__)
 
-TAUS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
-WINDOWS = (2, 3, 4, 5, 6)
-PATIENCES = (1, 2, 3, 4, 5, 6)
+# threshold grids of comparable size, each spanning its rule's range (issue #14): entropy 120,
+# confidence_window 128, patience 66 at L = 12 (every patience and min_depth up to 6 it has)
+ENTROPY_TAUS = tuple(t / 40 for t in range(1, 41))  # 0.025 .. 1.0
+WINDOW_TAUS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
+WINDOWS = (2, 3, 4, 5)
+WINDOW_MIN_DEPTHS = (1, 3)
 MIN_DEPTHS = (1, 2, 3)
+PATIENCE_MAX_MIN_DEPTH = 6
 
 
 def encode(
@@ -38,20 +43,38 @@ def encode(
     return enc["input_ids"], enc["attention_mask"]
 
 
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Texts -> token ids per text (with special tokens, truncated to ``max_length``), unpadded."""
+    return [list(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (input_ids, attention_mask) ``[B, T]`` long, T = the longest in the batch."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, T]
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def all_depth_probs(
     model: ElbertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 64
 ) -> torch.Tensor:
-    """Probabilities at every depth, ``[L, N, K]`` float32 on CPU (model put in eval mode)."""
+    """Probabilities at every depth, ``[L, N, K]`` float32 on CPU, in input order (model put in eval
+    mode). Texts run in batches of similar length, each cut to its longest text."""
     model.eval()
-    out = []
+    order = attention_mask.sum(1).argsort(stable=True)  # [N] shortest first
+    out = torch.empty(model.num_layers, input_ids.shape[0], model.num_labels)  # [L, N, K]
     for start in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[start : start + batch_size].to(model.device)  # [b, T]
-        mask = attention_mask[start : start + batch_size].to(model.device)  # [b, T]
+        rows = order[start : start + batch_size]
+        mask = attention_mask[rows]  # [b, T]
         keep = int(mask.sum(1).max())  # drop all-padding columns
-        logits = model(ids[:, :keep], mask[:, :keep])  # [L, b, K]
-        out.append(logits.float().softmax(-1).cpu())
-    return torch.cat(out, dim=1)  # [L, N, K]
+        logits = model(input_ids[rows, :keep].to(model.device), mask[:, :keep].to(model.device))  # [L, b, K]
+        out[:, rows] = logits.float().softmax(-1).cpu()
+    return out
 
 
 def depth_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> list[float]:
@@ -60,21 +83,23 @@ def depth_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> list[float]:
 
 
 def policy_grid(name: str, num_layers: int) -> list[ExitPolicy]:
-    """Every threshold setting evaluated for policy ``name``."""
+    """Every threshold setting evaluated for policy ``name`` (the grids above)."""
     mins = [m for m in MIN_DEPTHS if m <= num_layers]
     if name == "none":
         return [ExitPolicy.of("none", num_layers)]
     if name == "entropy":
-        return [ExitPolicy.of("entropy", num_layers, tau=t, min_depth=m) for t in TAUS[1:] for m in mins]
+        return [ExitPolicy.of("entropy", num_layers, tau=t, min_depth=m) for t in ENTROPY_TAUS for m in mins]
     if name == "patience":
+        top = min(PATIENCE_MAX_MIN_DEPTH, num_layers)
         return [ExitPolicy.of("patience", num_layers, patience=p, min_depth=m)
-                for p in PATIENCES for m in mins]
+                for p in range(1, max(2, num_layers)) for m in range(1, top + 1)]
     return [
         ExitPolicy.of("confidence_window", num_layers, tau=t, window=w, require_rising=r, min_depth=m)
-        for t in TAUS
+        for t in WINDOW_TAUS
         for w in WINDOWS
         for r in (False, True)
-        for m in mins
+        for m in WINDOW_MIN_DEPTHS
+        if m <= num_layers
     ]
 
 

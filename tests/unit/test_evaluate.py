@@ -14,7 +14,7 @@ from elbert_stream.engine.classify import classify_texts
 from elbert_stream.engine.engine import Engine
 from elbert_stream.engine.model import ElbertModel, load_tokenizer
 from elbert_stream.engine.policy import POLICIES, ExitPolicy, exit_depths_offline
-from elbert_stream.training.evaluate import frontier, interpolate
+from elbert_stream.training.evaluate import frontier
 from elbert_stream.training.scoring import PolicyScore, all_depth_probs, choose_exit_defaults, encode
 from elbert_stream.types import Prediction
 
@@ -29,7 +29,8 @@ def test_evaluate_writes_required_json_markdown_and_plots(tiny_dir, tmp_path) ->
     val = write_labelled_jsonl(tmp_path / "val.jsonl", n=18, seed=2)
     out = tmp_path / "results"
     rc = main(
-        ["evaluate", "--model", str(tiny_dir), "--data", str(test), "--val-data", str(val), "--out", str(out)]
+        ["evaluate", "--threads", "1", "--model", str(tiny_dir), "--data", str(test), "--val-data", str(val),
+         "--out", str(out)]
     )
     assert rc == 0
     report = json.loads((out / "accuracy.json").read_text())
@@ -47,9 +48,12 @@ def test_evaluate_writes_required_json_markdown_and_plots(tiny_dir, tmp_path) ->
     base = report["baselines"]
     assert base["hf_encoder_vs_full_depth_max_abs_prob_diff"] < 1e-5  # HF's encoder = our L applications
     assert "hf_albert_for_sequence_classification_accuracy" in base
-    assert len(report["equal_depth_comparison"]["rows"]) > 0
+    cmp = report["comparison"]
+    assert [b["label"] for b in cmp["budgets"]][:3] == [f"{n}x fewer layers" for n in (2, 3, 4)]
+    assert set(cmp["curves"]) == {"confidence_window", "entropy", "patience", "pcee"}
+    assert "## Exit rules at equal budgets" in (out / "accuracy.md").read_text()
     assert "| confidence_window |" in (out / "accuracy.md").read_text()
-    for png in ("accuracy_frontier.png", "exit_depth_histogram.png", "confidence_trajectories.png"):
+    for png in ("accuracy_vs_depth.png", "exit_depth_histogram.png", "confidence_trajectories.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -120,15 +124,12 @@ def test_text_output_names_label_and_depth(tiny_dir, capsys) -> None:
     assert "exit_depth=" in out and out.split("\t")[0] in LABELS
 
 
-def test_frontier_and_interpolation() -> None:
+def test_frontier() -> None:
     def s(depth: float, acc: float) -> PolicyScore:
         return PolicyScore({}, acc, depth, 12 / depth, [], {})
 
     front = frontier([s(2, 0.8), s(3, 0.9), s(3, 0.85), s(4, 0.88), s(6, 0.95)])
     assert front == [(2, 0.8), (3, 0.9), (6, 0.95)]
-    assert interpolate(front, 1.0) is None
-    assert interpolate(front, 2.5) == pytest.approx(0.85)
-    assert interpolate(front, 7.0) == 0.95
 
 
 def test_choose_exit_defaults_respects_loss_budget() -> None:
@@ -154,3 +155,96 @@ def test_choose_exit_defaults_falls_back_to_most_accurate_when_budget_unreachabl
     probs[..., 1] = 1 - probs[..., 0]
     d, score = choose_exit_defaults(probs, labels, max_loss_points=0.0, policy="entropy")
     assert d.policy == "entropy" and score.accuracy == 0.5 and score.mean_exit_depth == 1.0
+
+
+@pytest.fixture()
+def trained_dir(tmp_path):
+    """A tiny model dir with the split.json of a run on data.jsonl (60 rows: 48/6/6)."""
+    from elbert_stream.training.splits import DataSpec, load_splits
+
+    path = save_tiny_model_dir(tmp_path / "trained", num_layers=4, pooling="mean")
+    data = write_labelled_jsonl(tmp_path / "data.jsonl", n=60, seed=5)
+    load_splits(DataSpec(data=str(data))).write(path / "split.json", seed=1234)
+    return path, data
+
+
+def _evaluate(*args: str) -> int:
+    return main(["evaluate", "--no-plots", "--threads", "1", *args])
+
+
+def test_evaluate_defaults_to_the_models_own_held_out_split(trained_dir, tmp_path) -> None:
+    model_dir, data = trained_dir
+    for extra in ([], ["--data", str(data)]):  # the training file itself also means its held-out split
+        assert _evaluate("--model", str(model_dir), "--out", str(tmp_path / "r"), *extra) == 0
+        report = json.loads((tmp_path / "r" / "accuracy.json").read_text())
+        assert report["n_test"] == 6 and report["n_val"] == 6
+        assert report["data"]["test"].startswith("held-out test split of ")
+
+
+def test_evaluate_refuses_rows_the_model_trained_on(trained_dir, tmp_path, capsys, caplog) -> None:
+    model_dir, data = trained_dir
+    val = write_labelled_jsonl(tmp_path / "val.jsonl", n=6, seed=99)
+    args = ["--model", str(model_dir), "--data", str(data), "--val-data", str(val),
+            "--out", str(tmp_path / "r")]
+    assert _evaluate(*args) == 1
+    err = capsys.readouterr().err
+    assert "DataError" in err and "48 of the 60 test rows" in err and "--allow-training-rows" in err
+    assert not (tmp_path / "r").exists()
+    assert _evaluate(*args, "--allow-training-rows") == 0
+    report = json.loads((tmp_path / "r" / "accuracy.json").read_text())
+    assert report["data"]["training_rows_scored"]["test"] == 48 and "OVERSTATE" in caplog.text
+
+
+def test_evaluate_without_data_needs_the_models_split(tiny_dir, tmp_path, capsys) -> None:
+    assert _evaluate("--model", str(tiny_dir), "--out", str(tmp_path / "r")) == 1
+    assert "has no split.json" in capsys.readouterr().err
+
+
+def test_evaluate_without_matplotlib_skips_plots_with_a_warning(
+    trained_dir, tmp_path, monkeypatch, caplog
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "r"
+    assert main(["evaluate", "--threads", "1", "--model", str(trained_dir[0]), "--out", str(out)]) == 0
+    assert (out / "accuracy.json").is_file() and (out / "accuracy.md").is_file()
+    assert not list(out.glob("*.png")) and "matplotlib is not installed: no plots" in caplog.text
+
+
+def test_evaluate_over_several_models_summarises_them(tmp_path) -> None:
+    """One model per training seed: each evaluated on its own held-out split, then summarised."""
+    from elbert_stream.training.splits import DataSpec, load_splits
+
+    dirs = []
+    for seed in (0, 1):
+        path = tmp_path / f"seed{seed}"
+        model = ElbertModel.from_pretrained(save_tiny_model_dir(path, num_layers=4, pooling="mean"))
+        torch.manual_seed(seed)
+        with torch.no_grad():  # another "training seed": another head
+            model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
+        model.extras.name = f"seed{seed}"
+        model.save_pretrained(path, tokenizer=load_tokenizer(path))
+        data = write_labelled_jsonl(tmp_path / f"data{seed}.jsonl", n=60, seed=5 + seed)
+        load_splits(DataSpec(data=str(data))).write(path / "split.json", seed=1234)
+        dirs += ["--model", str(path)]
+    out = tmp_path / "r"
+    assert _evaluate(*dirs, "--out", str(out)) == 0
+    per = [json.loads((out / f"seed{s}" / "accuracy.json").read_text()) for s in (0, 1)]
+    summary = json.loads((out / "accuracy_seeds.json").read_text())
+    assert summary["n_models"] == 2 and summary["models"] == ["seed0 v0", "seed1 v0"]
+    full = [r["full_depth_accuracy"] for r in per]
+    assert summary["full_depth_accuracy"]["mean"] == pytest.approx(sum(full) / 2)
+    assert summary["full_depth_accuracy"]["min"] == min(full)
+    two_x = summary["budgets"][0]["rules"]["entropy"]
+    accs = [r["comparison"]["budgets"][0]["rules"]["entropy"]["accuracy"] for r in per]
+    assert two_x["n"] == 2 and two_x["accuracy"]["max"] == max(accs)
+    assert "| 2x fewer layers |" in (out / "accuracy_seeds.md").read_text()
+
+
+def test_evaluate_refuses_labels_the_model_does_not_have(tiny_dir, tmp_path, capsys) -> None:
+    other = write_labelled_jsonl(tmp_path / "other.jsonl", n=20, seed=3, label_key="label")
+    other.write_text(other.read_text().replace('"alpha"', '"omega"'))
+    assert _evaluate("--model", str(tiny_dir), "--data", str(other), "--out", str(tmp_path / "r")) == 1
+    err = capsys.readouterr().err
+    assert "DataError: data labels ['omega'] are not among the model's labels" in err

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import fields
 
 import pytest
 import torch
-from tiny_elbert import LABELS, save_tiny_model_dir, tiny_model, write_labelled_jsonl
+from tiny_elbert import LABELS, save_tiny_model_dir, tiny_model, tiny_tokenizer, write_labelled_jsonl
 
 from elbert_stream.engine.model import ElbertModel, load_tokenizer
 from elbert_stream.errors import ConfigError
@@ -170,7 +172,9 @@ def test_finish_saves_a_loadable_dir_with_split_card_and_exit_defaults(tmp_path)
     assert model.label_names == sorted(LABELS) and model.num_layers == 3
     assert model.extras.exit.policy == "confidence_window"
     assert load_tokenizer(out)("market")["input_ids"]
-    assert (out / "split.json").is_file() and "Accuracy per depth" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert (out / "split.json").is_file() and "Accuracy per depth" in card
+    assert "train 24 rows of " in card and "data.jsonl (split seed 1234)" in card
     assert not (out / "checkpoint").exists()
 
 
@@ -201,3 +205,77 @@ def test_sentencepiece_tokenizer_from_training_texts(tmp_path) -> None:
     assert len(ids) > 3 and tok.unk_token_id not in ids[1:-1]
     tok.save_pretrained(tmp_path / "tok")
     assert load_tokenizer(tmp_path / "tok")("the market rose")["input_ids"] == ids
+
+
+def test_every_train_flag_has_help_text() -> None:
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    sub = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) == len(fields(TrainConfig)) + 2  # + --recipe, --resume
+    assert all(a.help and len(a.help) > 15 for a in flags), [a.dest for a in flags if not a.help]
+    text = sub.format_help()
+    assert "--train TRAIN" in text and "--split-column" in text and "10% of --train" in text
+
+
+def test_the_model_is_named_after_the_run(tmp_path) -> None:
+    cfg = _tiny_cfg(tmp_path, max_steps=1)
+    assert cfg.model_name == "out"
+    model = ElbertModel.from_pretrained(finish(cfg, train(cfg)))
+    assert model.extras.name == "out"
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["train", "--recipe", "bbc-minilm", "--out", "models/news-topics"])
+    assert config_from_args(args).model_name == "news-topics"  # not the recipe's bbc-elbert
+    args = parser.parse_args(["train", "--recipe", "bbc-minilm", "--train", "t.jsonl", "--name", "mine"])
+    cfg = config_from_args(args)
+    assert cfg.data is None and cfg.train == "t.jsonl" and cfg.model_name == "mine"
+
+
+def test_train_on_the_users_files_from_the_command_line(tmp_path) -> None:
+    from elbert_stream.cli import main
+
+    train_file = write_labelled_jsonl(tmp_path / "train.jsonl", n=30, seed=3, text_key="body")
+    val_file = write_labelled_jsonl(tmp_path / "val.jsonl", n=9, seed=4, text_key="body")
+    init = save_tiny_model_dir(tmp_path / "init", num_layers=3)
+    out = tmp_path / "my-run"
+    rc = main(["train", "--init", str(init), "--train", str(train_file), "--val", str(val_file),
+               "--text-column", "body", "--out", str(out), "--num-layers", "3", "--max-length", "16",
+               "--max-steps", "2", "--save-dtype", "float32", "--threads", "1"])
+    assert rc == 0
+    doc = json.loads((out / "split.json").read_text())
+    assert len(doc["val"]) == 9 and doc["sources"]["val"] == str(val_file.resolve())
+    assert len(doc["test"]) == 3 and doc["sources"]["test"] == doc["sources"]["train"]  # carved: 10%
+    assert ElbertModel.from_pretrained(out).extras.name == "my-run"
+
+
+def test_per_batch_padding_gives_the_same_outputs_as_padding_to_the_longest_text() -> None:
+    from elbert_stream.training.scoring import encode, pad_batch, tokenize
+
+    tok = tiny_tokenizer()
+    texts = ["market", "shares film music vote party goal match phone chip", "vote party"]
+    seqs = tokenize(tok, texts, 32)
+    ids, mask = pad_batch(seqs[:1] + seqs[2:], int(tok.pad_token_id))  # the short ones: [2, 4]
+    assert ids.shape == (2, max(len(seqs[0]), len(seqs[2])))
+    set_ids, set_mask = encode(tok, texts, 32)  # padded to the longest of all three
+    model = tiny_model(num_layers=3, pooling="mean")
+    with torch.no_grad():
+        per_batch = model(ids, mask)  # [L, 2, K]
+        whole = model(set_ids[[0, 2]], set_mask[[0, 2]])
+    torch.testing.assert_close(per_batch, whole, atol=1e-5, rtol=0)
+    assert mask.sum().item() == set_mask[[0, 2]].sum().item() < set_mask[[0, 2]].numel()
+
+
+def test_progress_reports_rate_and_time_left() -> None:
+    from elbert_stream.training.progress import RunProgress, format_duration
+
+    now = [100.0]
+    p = RunProgress(total=100, done=20, batch_size=16, clock=lambda: now[0])  # resumed at step 20
+    assert p.rate_text() == "- steps/s" and p.eta_s is None and "ETA -" in p.summary()
+    now[0] += 40.0
+    p.advance(10)
+    assert p.steps_per_s == pytest.approx(0.25) and p.eta_s == pytest.approx(280.0)
+    assert p.summary() == "step 30/100 (30.0%), 0.25 steps/s, 4.0 texts/s, elapsed 40s, ETA 4m40s"
+    now[0] += 1000.0
+    assert p.rate_text().startswith("104.0 s/step")
+    assert [format_duration(s) for s in (7.2, 160, 3723)] == ["7s", "2m40s", "1h02m03s"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -74,3 +76,15 @@ def write_labelled_jsonl(
         rows.append({text_key: " ".join(words), label_key: LABELS[label]})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@contextmanager
+def torch_threads(num: int = 1) -> Iterator[None]:
+    """Run with ``num`` torch threads (tiny tensors: one thread avoids OpenMP barriers that dominate
+    on a busy 2-core machine), then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(num)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
