@@ -95,6 +95,7 @@ class KafkaSink:
         # retry after a lost acknowledgement can cause; exactly_once is transactional (idempotent).
         cfg: dict[str, Any] = {"acks": "all", "enable_idempotence": "transactional_id" in producer_overrides,
                                "linger_ms": 2,
+                               "metrics_enabled": False,  # kafka-python's own sensors, per record; unused
                                "delivery_timeout_ms": settings.delivery_timeout_ms,
                                "max_block_ms": settings.max_block_ms,
                                # a typo in a topic name is refused, never a new topic: on a real cluster

@@ -52,7 +52,7 @@ from elbert_stream.stream.output import OutputStage
 from elbert_stream.stream.pipeline import Budget, Channel
 from elbert_stream.stream.sink import KafkaSink
 from elbert_stream.stream.source import KafkaSource
-from elbert_stream.stream.sync_jobs import SyncJob, SyncRef
+from elbert_stream.stream.sync_jobs import SyncJob, SyncRef, batch_tokenizer
 from elbert_stream.stream.tokenizing import TokenizeStage
 from elbert_stream.types import EngineLike, Prediction
 
@@ -68,7 +68,9 @@ class Worker:
                  telemetry: Any = None, identity: str | None = None) -> None:
         """``identity``: stable across restarts and never shared by two live workers (``identity.py``);
         names the transactional id (``<prefix>-<identity>``); default: the static member id, else
-        ``replica_id``. ``tokenizer``: a callable like a Hugging Face tokenizer; default the engine's."""
+        ``replica_id``. ``tokenizer``: the checkpoint's (a Hugging Face tokenizer, or a callable like
+        one; fast ones run through their Rust backend, ``sync_jobs.batch_tokenizer``); default: the
+        engine's ``tokenize``."""
         self.settings = settings.model_copy(deep=True)
         k = self.settings.kafka
         if k.group_instance_id is None:  # static membership by default; "" = dynamic membership
@@ -215,7 +217,7 @@ class Worker:
             "intake": Intake(self.settings.kafka, self.source, self.sink, self.tracker, self._budget,
                              self._texts, self._loop, stopping=self._stop, aborted=self._abort,
                              downstream_done=output.done, take_revoked=self._take_revoked),
-            "tokenizer": TokenizeStage(self._tokenize, self.tracker, self._budget, self._texts,
+            "tokenizer": TokenizeStage(self._batch_tokenizer(), self.tracker, self._budget, self._texts,
                                        self._requests, self._results, self._abort),
             "engine": EngineStage(self.engine, self.tracker, self._budget, self._requests, self._results,
                                   self._loop, aborted=self._abort, stopping=self._stop, deadline=deadline),
@@ -224,12 +226,12 @@ class Worker:
         engine_stage: EngineStage = self._stages["engine"]
         return engine_stage
 
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        """One batch call of the tokenizer (the tokenizer stage's thread only)."""
+    def _batch_tokenizer(self) -> Callable[[list[str]], list[list[int]]]:
+        """The tokenizer stage's batch call: ``tokenizer`` (``sync_jobs.batch_tokenizer``), else the
+        engine's ``tokenize``."""
         if self.tokenizer is None:
-            return self.engine.tokenize(texts)
-        enc = self.tokenizer(texts, truncation=True, max_length=self.engine.max_length)
-        return list(enc["input_ids"])
+            return self.engine.tokenize
+        return batch_tokenizer(self.tokenizer, self.engine.max_length)
 
     def _guarded(self, body: Callable[[], None]) -> None:
         try:
