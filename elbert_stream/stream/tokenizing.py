@@ -64,17 +64,22 @@ class TokenizeStage:
         """One hand-off: jobs first, then the batch; returns how many Kafka messages it tokenized."""
         for job in (i for i in items if isinstance(i, SyncJob)):
             self.to_engine.put(job_requests(job, self.tokenize_checked), urgent=True)
-        kafka = [i for i in items if not isinstance(i, SyncJob)]
-        kept, dropped = keep_current(kafka, _msg_of, self.tracker.is_current)
-        self.clock.dropped_revoked += dropped
+        forgets = self.tracker.num_forgets
+        kept, dropped = keep_current([i for i in items if not isinstance(i, SyncJob)], _msg_of,
+                                     self.tracker.is_current)
         dead = [i for i in kept if isinstance(i, DeadLetter)]
         good: list[tuple[InputMessage, str]] = [i for i in kept if not isinstance(i, DeadLetter)]
-        requests = []
+        out: list[Any] = []
         for (m, _), ids in zip(good, self.tokenize_checked([t for _, t in good]), strict=True):
-            if isinstance(ids, BadMessage):
-                dead.append(DeadLetter(m, ids))
-            else:
-                requests.append(Request(ids, meta=m, arrival_s=m.polled_s))
+            out.append(DeadLetter(m, ids) if isinstance(ids, BadMessage)
+                       else Request(ids, meta=m, arrival_s=m.polled_s))
+        if self.tracker.num_forgets != forgets:  # a revoke while tokenizing: drop its work now
+            out, late = keep_current(out, lambda r: r.msg if isinstance(r, DeadLetter) else r.meta,
+                                     self.tracker.is_current)
+            dropped += late
+        self.clock.dropped_revoked += dropped
+        dead += [i for i in out if isinstance(i, DeadLetter)]
+        requests = [i for i in out if not isinstance(i, DeadLetter)]
         if dead:
             self.to_output.put(dead)
         self.budget.give(dropped + len(dead))
