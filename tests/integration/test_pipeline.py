@@ -13,12 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer
-from kafka_support import by_source, produce, read_all, wait_for, worker_settings
+from kafka_support import by_source, other_member, produce, read_all, wait_for, worker_settings
 
 from elbert_stream.engine.engine import Engine
 from elbert_stream.engine.model import load_tokenizer
-from elbert_stream.stream.client import client_config
 from elbert_stream.stream.worker import Worker
 
 pytestmark = pytest.mark.integration
@@ -70,8 +68,6 @@ def test_full_pipeline_pauses_and_a_revoke_drops_work_in_every_stage(kafka_boots
     engine = GatedEngine(Engine.from_settings(settings))
     tokenizer = GatedTokenizer(load_tokenizer(tiny_model_dir), engine.gate)
     worker = Worker(settings, engine, tokenizer, replica_id="gated").start()  # type: ignore[arg-type]
-    other: KafkaConsumer | None = None
-    stop_other = threading.Event()
     try:
         # 1. the engine holds its queue, the stages before it (a batch in the tokenizer, the rest
         # waiting for the engine) the whole budget: every partition paused
@@ -83,20 +79,10 @@ def test_full_pipeline_pauses_and_a_revoke_drops_work_in_every_stage(kafka_boots
 
         # 2. a second member joins (the group takes every partition from the worker and gives back
         # part), then leaves (the worker gets all back): its polled work is of a revoked assignment
-        k = settings.kafka
-        other = KafkaConsumer(**client_config(k), group_id=k.group_id, session_timeout_ms=6000,
-                              heartbeat_interval_ms=1000, auto_offset_reset="earliest",
-                              enable_auto_commit=False)
-        other.subscribe([topics["input"]])
-        poller = threading.Thread(target=lambda: [other.poll(100) for _ in iter(stop_other.is_set, True)],
-                                  daemon=True)
-        poller.start()
-        assert wait_for(lambda: worker.stats()["num_revocations"] >= 1 and bool(other.assignment()), 90), (
-            worker.stats())
-        stop_other.set()
-        poller.join(10)
-        other.close(autocommit=False)  # dynamic member: LeaveGroup, the worker gets every partition back
-        other = None
+        with other_member(settings.kafka, topics["input"]) as other:
+            revoked = lambda: worker.stats()["num_revocations"] >= 1 and bool(other.assignment())  # noqa: E731
+            assert wait_for(revoked, 90), worker.stats()
+        # it left: the worker gets every partition back
         assert wait_for(lambda: worker.stats()["num_revocations"] >= 2
                         and worker.stats()["num_partitions_assigned"] == 4, 90), worker.stats()
 
@@ -106,9 +92,6 @@ def test_full_pipeline_pauses_and_a_revoke_drops_work_in_every_stage(kafka_boots
         stats = worker.stats()
     finally:
         engine.gate.set()
-        stop_other.set()
-        if other is not None:
-            other.close(autocommit=False)
         worker.stop(20)
     assert worker.error is None, worker.error
     got = read_all(kafka_bootstrap, [topics["output"], topics["dead"]], total)
