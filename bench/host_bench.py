@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,8 @@ def worker_run(settings: Settings, n: int, timeout_s: float) -> dict[str, Any]:
         worker.stop(10)
     if worker.error is not None:
         raise ElbertError(f"host bench: the worker failed: {worker.error!r}")
-    exits = stats["exit_depth_counts"]
-    eng = stats["engine"]
+    eng = asdict(worker.engine.stats())  # the engine's own counters (stats() refreshes them every 0.25 s)
+    exits = eng["exit_depth_counts"]
     return {"messages": n, "group_join_s": t0 - t_join, "seconds": t1 - t0, "msgs_per_s": n / (t1 - t0),
             "outcomes": stats["messages"], "engine_steps": eng["num_steps"],
             "engine_step_s": eng["step_time_s"], "engine_share": eng["step_time_s"] / (t1 - t0),
@@ -167,9 +168,10 @@ def engine_alone(settings: Settings, texts: list[str]) -> dict[str, Any]:
 
 
 # ---- the run ---------------------------------------------------------------------------------
-def _settings(bootstrap: str, model: str | None, topic: str, group: str, device: str) -> Settings:
+def _settings(bootstrap: str, model: str | None, topic: str, group: str, device: str,
+              engine: dict[str, Any] | None = None) -> Settings:
     return Settings.model_validate({
-        "model": {"path": model, "device": device},
+        "model": {"path": model, "device": device}, "engine": engine or {},
         "kafka": {"bootstrap_servers": bootstrap, "input_topics": [topic], "output_topic": f"{topic}-out",
                   "dead_letter_topic": f"{topic}-dlq", "group_id": group, "input_format": "text",
                   "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
@@ -186,6 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tiny = str(tiny_model(Path(tempfile.mkdtemp(prefix="host-bench-")) / "tiny"))
     bbc = repeat_to(bench_texts(), args.bbc_messages)[: args.bbc_messages]
     short = [t.decode() for t in short_texts(args.short_messages)]
+    tiny_engine = {"max_slots": args.tiny_slots, "cpu_row_chunk": args.tiny_row_chunk}
     rounds: list[dict[str, Any]] = []
     with EmbeddedBroker() as broker:
         bs = broker.bootstrap
@@ -196,12 +199,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for r in range(args.rounds):
             row: dict[str, Any] = {}
             row["bare"] = bare_loop(bs, SHORT, f"bare-{r}", args.short_messages, 256, args.timeout)
-            row["worker_tiny"] = worker_run(_settings(bs, tiny, SHORT, f"tiny-{r}", args.device),
+            row["worker_tiny"] = worker_run(_settings(bs, tiny, SHORT, f"tiny-{r}", args.device, tiny_engine),
                                             args.short_messages, args.timeout)
             row["worker_shipped"] = worker_run(_settings(bs, args.model, BBC, f"shipped-{r}", args.device),
                                                args.bbc_messages, args.timeout)
             row["engine_alone"] = engine_alone(_settings(bs, args.model, BBC, "-", args.device), bbc)
-            row["engine_alone_tiny"] = engine_alone(_settings(bs, tiny, SHORT, "-", args.device), short)
+            row["engine_alone_tiny"] = engine_alone(_settings(bs, tiny, SHORT, "-", args.device, tiny_engine),
+                                                    short)
             row["ratios"] = {k: row[k.split("/")[0]]["msgs_per_s"] / row[k.split("/")[1]]["msgs_per_s"]
                              for k in RATIOS}
             log.info("round %d: %s", r, {k: round(v["msgs_per_s"], 1) for k, v in row.items()
@@ -211,6 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"benchmark": "host", "command": command, "rounds": rounds,
             "median": {k: statistics.median(row["ratios"][k] for row in rounds) for k in RATIOS},
             "targets": TARGETS,
+            "tiny_engine": tiny_engine,
             "machine": {"torch_threads": args.threads, "device": args.device,
                         "python": platform.python_version(), "torch": torch.__version__,
                         "partitions": args.partitions,
@@ -224,7 +229,8 @@ def markdown(doc: dict[str, Any]) -> str:
              f"Command: `{doc['command']}`", "",
              f"Machine: {m['note']}; torch threads {m['torch_threads']}, device {m['device']}, "
              f"{m['partitions']} input partitions, embedded Tansu. Rounds interleaved: (a), (b), (c), the "
-             "engines alone, then again.", "",
+             "engines alone, then again. The tiny model's engine (for (b) and alone): "
+             f"`{doc['tiny_engine']}`; the shipped one's: the defaults.", "",
              "| round | (a) bare | (b) worker tiny | tiny engine alone | (c) worker shipped | shipped engine "
              "alone | (b)/(a) | (c)/engine | (b)/tiny engine |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -265,6 +271,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--short-messages", type=int, default=6000, help="short texts for (a) and (b)")
     p.add_argument("--bbc-messages", type=int, default=300, help="BBC texts for (c) and the engine alone")
     p.add_argument("--model", default=None, help="model dir for (c) (default: the shipped BBC model)")
+    p.add_argument("--tiny-slots", type=int, default=256,
+                   help="engine.max_slots for the tiny model: wide steps, so that (b) shows the host path")
+    p.add_argument("--tiny-row-chunk", type=int, default=0, help="engine.cpu_row_chunk for the tiny model")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a shared 2-core CPU)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")

@@ -3,7 +3,8 @@
 Per iteration: take what the tokenizer stage handed over (waiting only while the engine is idle),
 ``Engine.add`` until the engine's queue is full (the rest waits here, still counted in the
 ``Budget``, so the intake pauses), ONE ``Engine.step``, and the step's predictions to the output
-stage (waiting while its channel is full: backpressure). A request ``add`` refuses as bad becomes a
+stage (waiting while its channel is full: backpressure). Synchronous requests (``Worker.classify``)
+go ahead of the Kafka requests waiting here. A request ``add`` refuses as bad becomes a
 dead letter (a synchronous job fails). After a revoke, the requests waiting here of the revoked
 partitions are dropped; ones already in the engine finish and are dropped by the output stage. The
 loop ends when its channel is closed and everything in it ran (drain), at the drain deadline, or
@@ -66,6 +67,8 @@ class EngineStage:
         """One round; False once the channel is closed and all work ran."""
         engine = self.engine
         got = None
+        if self.backlog and (urgent := self.inbox.get_urgent()):
+            self.backlog.extendleft(reversed(urgent))  # a caller waits: ahead of the Kafka work here
         if not self.backlog and not self._inbox_done:
             got = self.inbox.get(0.0 if engine.has_work() else IDLE_WAIT_S)
             if got is None:

@@ -5,8 +5,9 @@ torch here, so the logic is unit-tested with plain objects.
 * ``Channel``: a FIFO of items between two stage threads, handed over in batches (one lock round per
   batch, not per item). ``put`` blocks while the channel holds ``capacity`` items or more (None: no
   bound of its own, the ``Budget`` bounds it); ``urgent`` items (``Worker.classify``'s) skip the bound
-  and go first. ``close`` (the producer is done: the consumer drains it, then ``get`` returns None)
-  and ``abort`` (a stage failed: every waiter wakes, ``put`` returns False) end it.
+  and go first, and ``get_urgent`` takes them alone (the engine stage, whose backlog is not empty).
+  ``close`` (the producer is done: the consumer drains it, then ``get`` returns None) and ``abort``
+  (a stage failed: every waiter wakes, ``put`` returns False) end it.
 * ``Budget``: how many polled messages may be on their way to the engine (polled, not yet queued in
   the engine, dead-lettered or dropped). The intake polls at most what is left and pauses every
   partition while nothing is: backpressure from the engine's queue back to the broker.
@@ -45,12 +46,13 @@ class Channel(Generic[T]):
         self.name = name
         self.capacity = capacity
         self._items: deque[T] = deque()
+        self._urgent: deque[T] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._aborted = False
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) + len(self._urgent)
 
     def put(self, items: Iterable[T], *, urgent: bool = False, timeout_s: float | None = None) -> bool:
         """Append ``items`` (``urgent``: in front, ignoring the bound); waits while the channel is full.
@@ -66,10 +68,7 @@ class Channel(Generic[T]):
                 self._cond.wait(left)
             if self._closed or self._aborted:
                 return False
-            if urgent:
-                self._items.extendleft(reversed(items))
-            else:
-                self._items.extend(items)
+            (self._urgent if urgent else self._items).extend(items)
             self._cond.notify_all()
         return True
 
@@ -77,19 +76,30 @@ class Channel(Generic[T]):
         """Everything waiting, oldest first (waits up to ``timeout_s`` for something); [] when nothing
         came; None once the channel is closed and empty, or aborted."""
         with self._cond:
-            if not self._items and timeout_s > 0 and not (self._closed or self._aborted):
-                self._cond.wait_for(lambda: self._items or self._closed or self._aborted, timeout_s)
-            if self._aborted or (self._closed and not self._items):
+            if not len(self) and timeout_s > 0 and not (self._closed or self._aborted):
+                self._cond.wait_for(lambda: len(self) or self._closed or self._aborted, timeout_s)
+            if self._aborted or (self._closed and not len(self)):
                 return None
-            out = list(self._items)
+            out = [*self._urgent, *self._items]
+            self._urgent.clear()
             self._items.clear()
             self._cond.notify_all()
+            return out
+
+    def get_urgent(self) -> list[T]:
+        """Only the urgent items waiting (never waits)."""
+        if not self._urgent:  # every engine iteration: usually none
+            return []
+        with self._cond:
+            out = list(self._urgent)
+            self._urgent.clear()
             return out
 
     def take_all(self) -> list[T]:
         """Whatever is left (after close or abort), for failing waiting callers."""
         with self._cond:
-            out = list(self._items)
+            out = [*self._urgent, *self._items]
+            self._urgent.clear()
             self._items.clear()
             return out
 

@@ -39,6 +39,9 @@ def test_channel_hands_over_batches_in_order_urgent_first_and_ends() -> None:
     ch: Channel[int] = Channel("c")
     assert ch.get() == [] and ch.put([1, 2]) and ch.put([3]) and ch.put([0], urgent=True)
     assert ch.get() == [0, 1, 2, 3] and len(ch) == 0
+    ch.put([1])
+    ch.put([7], urgent=True)
+    assert ch.get_urgent() == [7] and ch.get_urgent() == [] and ch.get() == [1]
     ch.put([4])
     ch.close()
     assert not ch.put([5]), "a closed channel takes nothing more"
