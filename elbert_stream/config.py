@@ -87,6 +87,16 @@ class KafkaSettings(BaseModel):
     group_instance_id: str | None = Field(
         None, description="static membership id; the Serve replica sets one per replica"
     )
+    lag_from: Literal["list_offsets", "fetch_high_watermark"] = Field(
+        "list_offsets", description="consumer lag = end offset - position, the end offset from ListOffsets "
+        "(read_committed: the last stable offset; asked every second off the loop thread, fresh while "
+        "paused) or from the last fetch's high watermark (for a broker whose ListOffsets is wrong: Tansu 0.6)"
+    )
+    leave_group_on_close: bool = Field(
+        True, description="a clean stop (drain) sends LeaveGroup, static members too (by group.instance.id, "
+        "KIP-345), so the group rebalances at once; False: a departed static member's partitions wait for "
+        "the same id to return until session_timeout_ms (a restart needs no rebalance, a scale-down stalls)"
+    )
     input_format: Literal["text", "json", "auto"] = Field(
         "auto", description="text = UTF-8 value; json = {'text':..,'id':..}; auto = json if it parses"
     )

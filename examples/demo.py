@@ -1,9 +1,9 @@
 """``elbert-stream demo`` (``make demo``): the whole stream on one machine, in a few minutes.
 
-An embedded Tansu broker on a free loopback port, a private local Ray with the Serve app
-(``ElbertWorker`` replicas, each owning a worker on the broker's input topic), the BBC test split
-produced as JSON plus a handful of bad messages, live progress from the output topic, then a
-summary: throughput, end-to-end latency, exit-depth histogram, accuracy, dead letters and their
+An embedded broker (``--broker``: Tansu or noida-db) on a free loopback port, a private local Ray
+with the Serve app (``ElbertWorker`` replicas, each owning a worker on the broker's input topic), the
+BBC test split produced as JSON plus a handful of bad messages, live progress from the output topic,
+then a summary: throughput, end-to-end latency, exit-depth histogram, accuracy, dead letters and their
 reasons. Everything it started is stopped at the end, and it checks that no child process is
 left behind.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from elbert_stream.errors import ElbertError
-from elbert_stream.testing.broker import EmbeddedBroker, free_port
+from elbert_stream.testing.broker import BROKERS, embedded_broker, free_port
 from elbert_stream.testing.streamcheck import (
     Accounting,
     Received,
@@ -71,14 +71,16 @@ def test_split(model_dir: Path | None) -> Dataset:
     return split_dataset(data)["test"]
 
 
-def demo_overrides(bootstrap: str, model_path: str | None) -> dict[str, Any]:
-    """Settings for the replicas: the embedded broker, JSON input, a small message limit."""
+def demo_overrides(bootstrap: str, model_path: str | None,
+                   broker_settings: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Settings for the replicas: the embedded broker (and what its quirks need), JSON input, a small
+    message limit."""
     return {
         "model": {"path": model_path, "device": "auto"},
         "kafka": {"bootstrap_servers": bootstrap, "input_topics": [INPUT], "output_topic": OUTPUT,
                   "dead_letter_topic": DEAD, "group_id": "elbert-demo", "input_format": "json",
                   "max_message_bytes": DEMO_MAX_MESSAGE_BYTES, "session_timeout_ms": 6000,
-                  "heartbeat_interval_ms": 1000},
+                  "heartbeat_interval_ms": 1000, **(broker_settings or {}).get("kafka", {})},
     }
 
 
@@ -102,14 +104,16 @@ def run_demo(args: argparse.Namespace) -> int:
         data = data.subset(range(min(args.limit, len(data))))
     from elbert_stream.serve import local
 
-    with EmbeddedBroker() as broker:
+    with embedded_broker(args.broker) as broker:
         broker.create_topics([INPUT, OUTPUT, DEAD], args.partitions)
-        console.print(f"[bold]broker[/] Tansu on {broker.bootstrap}, {args.partitions} partitions per topic")
+        console.print(f"[bold]broker[/] {broker.name} on {broker.bootstrap}, {args.partitions} partitions "
+                      "per topic")
         try:
             http_port = free_port()
             local.start_local_ray(args.cpus, http_port=http_port, log_to_driver=args.verbose)
-            local.run_local_app(demo_overrides(broker.bootstrap, args.model), name="elbert-demo",
-                                     num_replicas=args.replicas, num_cpus=min(1.0, args.cpus / args.replicas))
+            local.run_local_app(demo_overrides(broker.bootstrap, args.model, broker.product_settings),
+                                name="elbert-demo", num_replicas=args.replicas,
+                                num_cpus=min(1.0, args.cpus / args.replicas))
             owners = local.wait_until_consuming("elbert-demo", http_port, num_replicas=args.replicas)
             console.print(f"[bold]serve[/] {len(owners)} ElbertWorker replica(s) consuming, "
                           f"HTTP on 127.0.0.1:{http_port} ({time.monotonic() - t0:.1f}s since start)")
@@ -245,6 +249,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="broker + Ray Serve + the BBC test split, end to end, with a summary")
     p.add_argument("--model", default=None, help="model dir (default: the shipped BBC model)")
     p.add_argument("--replicas", type=int, default=1, help="ElbertWorker replicas")
+    p.add_argument("--broker", choices=sorted(BROKERS), default=None,
+                   help="embedded broker (default $ELBERT_EMBEDDED_BROKER, else "
+                        "testing.broker.DEFAULT_BROKER; docs/streaming.md says which and why)")
     p.add_argument("--cpus", type=int, default=2,
                    help="CPUs of the local Ray; each replica takes 1 (one torch thread: fastest here)")
     p.add_argument("--partitions", type=int, default=4, help="partitions per topic")

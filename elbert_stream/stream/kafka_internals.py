@@ -11,6 +11,9 @@ Why each exists (kafka-python 3 has no public way to do it):
   offset" (a fresh fetch state, as for a newly assigned partition); there is no public seek-to-committed.
 * ``joining_group``: whether a group (re)join is pending (the worker must then poll back to back:
   kafka-python 3.0 drops a join answered between two polls).
+* ``leave_group_on_close``: make ``close()`` send LeaveGroup for a static member too (by its member id
+  and ``group.instance.id``: LeaveGroup v3+, KIP-345's member removal); kafka-python sends it only for
+  dynamic members and has no option to leave as a static one.
 * ``send_offsets_to_transaction`` / ``commit_transaction``: the transaction manager's requests as
   futures, so the caller can wait with a deadline (the public calls wait forever); ``wake_sender``
   makes the sender thread pick them up at once.
@@ -61,6 +64,16 @@ def joining_group(consumer: KafkaConsumer) -> bool:
     work does at once (tests/integration/test_kafka_io.py)."""
     coordinator = consumer._coordinator
     return bool(coordinator.need_rejoin() or coordinator.rejoining)
+
+
+def leave_group_on_close(consumer: KafkaConsumer) -> None:
+    """Make this consumer's ``close()`` send LeaveGroup even when it is a static member (kafka-python
+    skips it for members with a ``group_instance_id``): the request names the member id and the
+    instance id, so the broker removes the static member and rebalances at once instead of holding
+    its partitions until ``session.timeout.ms`` (or for ever, on a broker that never expires static
+    members). Call right before ``close()``."""
+    coordinator = consumer._coordinator
+    coordinator.is_dynamic_member = lambda: True  # an instance attribute shadows the method
 
 
 def send_offsets_to_transaction(producer: KafkaProducer, offsets: Offsets, group_metadata: Any) -> Any:

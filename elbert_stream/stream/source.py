@@ -23,8 +23,10 @@ from elbert_stream.stream.client import client_config, explain_bootstrap
 from elbert_stream.stream.kafka_internals import (
     commit_offsets_on_io_thread,
     joining_group,
+    leave_group_on_close,
     refetch_from_committed,
 )
+from elbert_stream.stream.lag import EndOffsets
 from elbert_stream.stream.offsets import OffsetTracker, TopicPartition
 from elbert_stream.stream.records import InputMessage
 
@@ -92,6 +94,9 @@ class KafkaSource:
                 metrics_enabled=False,  # kafka-python's own sensors, per record; unused
             )
         self.consumer.subscribe(settings.input_topics, listener=_Rebalance(self))
+        self._end_offsets = (EndOffsets(settings, isolation_level=isolation_level,
+                                        client_id=f"{client_id}-lag")
+                             if settings.lag_from == "list_offsets" else None)
 
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputMessage]:
         """Fetch records, track their offsets, return them in partition/offset order.
@@ -262,24 +267,38 @@ class KafkaSource:
         log.info("partitions assigned: %s", sorted((t.topic, t.partition) for t in assigned))
 
     def lag(self) -> dict[TopicPartition, int | None]:
-        """{tp: high watermark - position} per assigned partition, from the high watermark the last
-        fetch response carried (no network call); None until a fetch answered. ListOffsets
-        (``end_offsets``) is not used: Tansu 0.6 answers it with the last batch's base offset + 1,
-        which is wrong whenever that batch holds more than one record. Stale while paused."""
+        """{tp: end offset - position} per assigned partition (no network call on this thread). The
+        end offset comes from ``EndOffsets`` (ListOffsets every second on its own thread; fresh while
+        paused) when ``settings.lag_from`` is ``list_offsets``, else, and until its first answer,
+        from the high watermark the last fetch response carried (stale while paused; Tansu 0.6's
+        ListOffsets answers the last batch's base offset + 1, wrong when that batch holds more than
+        one record). None while neither is known."""
+        assigned = self.consumer.assignment()
+        ends: dict[TopicPartition, int] = {}
+        if self._end_offsets is not None:
+            self._end_offsets.want({TopicPartition(t.topic, t.partition) for t in assigned})
+            ends = self._end_offsets.get()
         out: dict[TopicPartition, int | None] = {}
-        for ktp in self.consumer.assignment():
-            high = self.consumer.highwater(ktp)
+        for ktp in assigned:
+            tp = TopicPartition(ktp.topic, ktp.partition)
+            end = ends.get(tp, self.consumer.highwater(ktp))
             try:
                 pos = self.consumer.position(ktp, timeout_ms=0)
             except kerrors.KafkaError:
                 pos = None
-            ok = high is not None and pos is not None and high >= pos
-            out[TopicPartition(ktp.topic, ktp.partition)] = high - pos if ok else None
+            out[tp] = max(0, end - pos) if end is not None and pos is not None else None
         return out
 
-    def close(self, timeout_ms: int = 5000) -> None:
-        """Close without LeaveGroup when static membership is on (``group_instance_id`` set): the
-        partitions stay ours until the session times out, or until the same instance id rejoins."""
+    def close(self, timeout_ms: int = 5000, *, leave: bool | None = None) -> None:
+        """Close the consumer. ``leave`` (default ``settings.leave_group_on_close``): send LeaveGroup,
+        static members included, so the group rebalances now; otherwise a static member's partitions
+        stay reserved until the session times out or the same instance id rejoins (a dynamic member
+        always leaves: kafka-python's behaviour)."""
+        leave = self.settings.leave_group_on_close if leave is None else leave
+        if leave and self.settings.group_instance_id:
+            leave_group_on_close(self.consumer)
+        if self._end_offsets is not None:
+            self._end_offsets.close()
         self.consumer.close(autocommit=False, timeout_ms=timeout_ms)
 
 

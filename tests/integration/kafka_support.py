@@ -21,9 +21,6 @@ from elbert_stream.stream.records import OutputRecord
 Position = tuple[str, int, int]
 
 
-# Tansu (the embedded broker) shows aborted transactions' records to read_committed readers; real Kafka
-# hides them. Duplicates that only an aborted transaction can explain are reported, not failed, there.
-EMBEDDED_BROKER = not os.environ.get("ELBERT_TEST_KAFKA_BOOTSTRAP")
 
 
 @dataclass(frozen=True)
@@ -141,12 +138,29 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[i
 
 def worker_settings(bootstrap: str, topics: dict[str, str], model_dir: Path,
                     **sections: dict[str, Any]) -> Settings:
+    """Settings of a worker on ``bootstrap`` (plus what the embedded broker there needs for its quirks:
+    ``testing.broker.product_settings_for``)."""
+    from elbert_stream.testing.broker import product_settings_for
+
     kafka = {"bootstrap_servers": bootstrap, "input_topics": [topics["input"]],
              "output_topic": topics["output"], "dead_letter_topic": topics["dead"],
              "group_id": topics["group"], "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
-             "commit_interval_s": 0.2, **sections.pop("kafka", {})}
+             "commit_interval_s": 0.2, **product_settings_for(bootstrap).get("kafka", {}),
+             **sections.pop("kafka", {})}
     engine = {"max_slots": 16, **sections.pop("engine", {})}
     return Settings(model={"path": str(model_dir), "device": "cpu"}, kafka=kafka, engine=engine, **sections)
+
+
+def logged_at(log_text: str, needle: str) -> float | None:
+    """Epoch seconds of the first line of an ``elbert-stream`` log (``%(asctime)s`` local time) that
+    contains ``needle``; None when no line does."""
+    import datetime
+
+    for line in log_text.splitlines():
+        if needle in line and line[:4].isdigit():
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            return stamp.timestamp()
+    return None
 
 
 def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> bool:
@@ -163,7 +177,6 @@ def run_cli(settings: Settings, replica_id: str | None, log_path: Path, **env: s
     variables from ``settings`` (model, topics, group, membership timings) plus ``env``;
     ``replica_id`` None: the CLI's default identity (pass ELBERT_LOCK_DIR in ``env``)."""
     import json
-    import os
     import subprocess
     import sys
 
@@ -174,7 +187,10 @@ def run_cli(settings: Settings, replica_id: str | None, log_path: Path, **env: s
             "ELBERT_KAFKA__OUTPUT_TOPIC": k.output_topic,
             "ELBERT_KAFKA__DEAD_LETTER_TOPIC": k.dead_letter_topic, "ELBERT_KAFKA__GROUP_ID": k.group_id,
             "ELBERT_KAFKA__SESSION_TIMEOUT_MS": "6000", "ELBERT_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
-            "ELBERT_KAFKA__COMMIT_INTERVAL_S": "0.5", "ELBERT_ENGINE__MAX_QUEUE": "64", **env}
+            "ELBERT_KAFKA__COMMIT_INTERVAL_S": "0.5", "ELBERT_ENGINE__MAX_QUEUE": "64",
+            "ELBERT_KAFKA__LAG_FROM": k.lag_from,
+            "ELBERT_KAFKA__LEAVE_GROUP_ON_CLOSE": str(k.leave_group_on_close),
+            **env}
     with open(log_path, "ab") as log:
         cmd = [sys.executable, "-m", "elbert_stream.cli", "run",
                *(["--replica-id", replica_id] if replica_id else [])]

@@ -40,6 +40,7 @@ def _produce_evenly(bootstrap: str, topic: str) -> None:
         producer.close()
 
 
+@pytest.mark.both_brokers
 @pytest.mark.parametrize("transactional", [False, True], ids=["at_least_once", "exactly_once"])
 def test_partitions_given_back_to_the_same_member_are_read_again(kafka_bootstrap: str, topics: dict[str, str],
                                                                  transactional: bool) -> None:

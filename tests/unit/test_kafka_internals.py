@@ -147,3 +147,24 @@ def test_a_member_without_an_assignment_for_too_long_fails_health(monkeypatch: p
     assert text is not None and "no assignment for 49s" in text and "'g'" in text and "g-r0" in text
     src.rebalancing_since = None  # an assignment came (even an empty one)
     assert src.stuck_joining() is None
+
+
+def test_leave_group_on_close_makes_a_static_member_leave() -> None:
+    """kafka-python decides whether ``close()`` sends LeaveGroup with ``is_dynamic_member()`` (static
+    members never leave); the adapter shadows it on the instance, so the LeaveGroup it sends names the
+    member id and the instance id (``maybe_leave_group_async``'s request)."""
+    from kafka.coordinator.base import BaseCoordinator
+
+    source = inspect.getsource(BaseCoordinator.maybe_leave_group_async)
+    assert "self.is_dynamic_member()" in source and "group_instance_id=self.group_instance_id" in source
+    assert "self.maybe_leave_group(" in inspect.getsource(BaseCoordinator.close)
+
+    class Coordinator:
+        group_instance_id = "static-0"
+        config = {"api_version": (3, 0)}
+        is_dynamic_member = BaseCoordinator.is_dynamic_member
+
+    coordinator = Coordinator()
+    assert coordinator.is_dynamic_member() is False
+    ki.leave_group_on_close(type("C", (), {"_coordinator": coordinator})())  # type: ignore[arg-type]
+    assert coordinator.is_dynamic_member() is True
