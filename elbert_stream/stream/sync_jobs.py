@@ -3,9 +3,11 @@ with per-text errors. No Kafka client and no torch here."""
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from elbert_stream.errors import BadMessage
 from elbert_stream.types import Prediction, Request
@@ -56,6 +58,23 @@ class SyncRef:
 
     job: SyncJob
     index: int
+
+
+def batch_tokenizer(tokenizer: Any, max_length: int) -> Callable[[list[str]], list[list[int]]]:
+    """Token ids (special tokens added, truncated to ``max_length``, no padding) for a list of texts,
+    in one batch call. A Hugging Face fast tokenizer is called through a private copy of its Rust
+    backend (``encode_batch_fast``: no offsets; the same ids as the tokenizer's own call, which costs
+    ~1.5x more Python per text); the copy also keeps the caller's thread off the tokenizer the engine
+    owns. Anything else is called like a Hugging Face tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return lambda texts: [list(ids) for ids in tokenizer(texts, truncation=True,
+                                                             max_length=max_length)["input_ids"]]
+    own = copy.deepcopy(backend)
+    own.no_padding()
+    own.enable_truncation(max_length, stride=0, strategy="longest_first",
+                          direction=getattr(tokenizer, "truncation_side", "right"))
+    return lambda texts: [e.ids for e in own.encode_batch_fast(texts)]
 
 
 def tokenize_each(tokenize: Callable[[list[str]], list[list[int]]],

@@ -1,19 +1,35 @@
-"""The pump: Kafka poll -> decode/tokenize -> Engine.add -> Engine.step -> produce -> commit.
+"""The pipelined replica: Kafka -> intake -> tokenizer -> engine -> output -> Kafka, one thread each.
 
-One loop thread owns the consumer, the engine's add/step and every commit. It polls with
-``poll_timeout_ms`` when the engine is idle, ``poll(0)`` otherwise (a pending group join always gets
-a real wait: ``KafkaSource.poll``). Backpressure: polled requests the engine cannot queue wait in a
-backlog (one poll's worth) and every partition is paused until it drains; partitions behind a parked
-record (``sink.py``: dead-letter topic not writable) are held on their own. Offsets are committed only
-over acknowledged results (``offsets.py``). The worker owns WHEN to commit (``CommitCadence``; forced
-at drain and close; at a revoke the source commits itself); the sink owns HOW: asynchronous group
-offsets (at_least_once) or one transaction of results and offsets (exactly_once, ``transactions.py``).
-The engine is any ``types.EngineLike``: this module imports no torch and no Ray.
+==========  ===============================================  =================================
+stage       owns (its thread only)                           hands on through
+==========  ===============================================  =================================
+intake      the consumer (``KafkaSource``: poll, pause /     ``Channel`` of decoded texts and
+            resume / hold, commit, lag, close), decoding,    dead letters (bounded by the
+            the ``CommitCadence`` (``intake.py``)            ``Budget``)
+tokenizer   the tokenizer, one batch call per hand-off       ``Channel`` of ``Request``s
+            (``tokenizing.py``)                              (same budget)
+engine      ``Engine.add`` / ``step`` / ``stats``: nothing   ``Channel`` of predictions and
+            else (``engine_stage.py``; ``Worker.run``'s      dead letters (``max_poll_records``
+            thread)                                          + ``max_slots`` items)
+output      encoding, ``KafkaSink.send_*``, parked retries,  the producer; its delivery
+            ``raise_failures``, telemetry (``output.py``)    callbacks mark offsets done
+==========  ===============================================  =================================
 
-``stop(timeout_s)`` drains: stop polling, finish the backlog and the busy slots, flush, commit, close.
+Backpressure end to end: at most ``max_poll_records`` polled messages are on their way to the
+engine (``Budget``); while none is left, the intake pauses every partition (and partitions behind a
+parked record are held on their own, ``sink.py``). The engine stage stops taking work while the
+engine's queue is full, and waits while the output channel is full. Delivery semantics are the
+sink's and the tracker's, unchanged: at_least_once commits only contiguous acknowledged offsets
+(``offsets.py``), exactly_once one transaction of results and offsets (``transactions.py``). A revoked
+partition's work is dropped in every stage through the tracker's epochs (``pipeline.keep_current``).
+
+``stop(timeout_s)`` drains: the intake stops polling and closes its channel; each stage finishes what
+it holds and closes the next; the output stage flushes; the intake commits and closes the sink and
+the source. A failure in any stage aborts every stage at once (no final commit) and is ``error``.
 With static membership (``group_instance_id``, default ``<group_id>-<replica_id>``) kafka-python sends
 no LeaveGroup on close: a restart with the same id gets its partitions back without a rebalance.
 ``identity`` (``identity.py``) names the transactional id, so a restart fences its predecessor.
+The engine is any ``types.EngineLike``: this module imports no torch and no Ray.
 """
 
 from __future__ import annotations
@@ -22,33 +38,39 @@ import contextlib
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from elbert_stream.config import ExitSettings, Settings
-from elbert_stream.errors import BadMessage, ElbertError, EngineFailure
+from elbert_stream.errors import ElbertError, EngineFailure
+from elbert_stream.stream.engine_stage import EngineStage
+from elbert_stream.stream.intake import Intake
 from elbert_stream.stream.loop_stats import LoopStats
-from elbert_stream.stream.offsets import CommitCadence, OffsetTracker, TopicPartition
-from elbert_stream.stream.records import InputMessage, decode_input, output_record, trace_headers
+from elbert_stream.stream.offsets import OffsetTracker, TopicPartition
+from elbert_stream.stream.output import OutputStage
+from elbert_stream.stream.pipeline import Budget, Channel
 from elbert_stream.stream.sink import KafkaSink
 from elbert_stream.stream.source import KafkaSource
-from elbert_stream.stream.sync_jobs import SyncJob, SyncRef, job_requests, tokenize_each
-from elbert_stream.types import EngineLike, Prediction, Request
+from elbert_stream.stream.sync_jobs import SyncJob, SyncRef, batch_tokenizer
+from elbert_stream.stream.tokenizing import TokenizeStage
+from elbert_stream.types import EngineLike, Prediction
 
 log = logging.getLogger(__name__)
-STATS_EVERY_S = 0.25  # engine stats snapshot refresh
-LAG_EVERY_S = 1.0
+JOIN_S = 10.0  # how long the loop waits for a helper stage to end after it ended itself
 
 
 class Worker:
     """One engine fed from Kafka (see module doc). Public API: ``start``, ``run``, ``stop``, ``alive``,
-    ``error``, ``set_exit_policy``, ``classify``, ``stats``, ``telemetry_snapshot``."""
+    ``error``, ``health``, ``set_exit_policy``, ``classify``, ``stats``, ``telemetry_snapshot``."""
 
     def __init__(self, settings: Settings, engine: EngineLike, tokenizer: Any = None, *, replica_id: str,
                  telemetry: Any = None, identity: str | None = None) -> None:
         """``identity``: stable across restarts and never shared by two live workers (``identity.py``);
         names the transactional id (``<prefix>-<identity>``); default: the static member id, else
-        ``replica_id``."""
+        ``replica_id``. ``tokenizer``: the checkpoint's (a Hugging Face tokenizer, or a callable like
+        one; fast ones run through their Rust backend, ``sync_jobs.batch_tokenizer``); default: the
+        engine's ``tokenize``."""
         self.settings = settings.model_copy(deep=True)
         k = self.settings.kafka
         if k.group_instance_id is None:  # static membership by default; "" = dynamic membership
@@ -62,21 +84,24 @@ class Worker:
         self.telemetry = telemetry
         self.error: BaseException | None = None
         self.tracker = OffsetTracker()
-        self._cadence = CommitCadence(k.commit_interval_s)
         self.source: KafkaSource | None = None
         self.sink: KafkaSink | None = None
-        self._backlog: deque[Request] = deque()
-        self._jobs: deque[SyncJob] = deque()
-        self._jobs_lock = threading.Lock()
         self._revoked: set[TopicPartition] = set()
-        self._num_dropped_revoked = 0
+        self._revoked_lock = threading.Lock()
         self._stop = threading.Event()
+        self._abort = threading.Event()
         self._running = threading.Event()
         self._drain_deadline = float("inf")
         self._thread: threading.Thread | None = None
         self._loop = LoopStats(engine.num_layers)
         self.model_name = engine.model_name
         self.model_version = engine.model_version
+        self._budget = Budget(k.max_poll_records)
+        self._texts: Channel[Any] = Channel("texts")
+        self._requests: Channel[Any] = Channel("requests")
+        self._results: Channel[Any] = Channel("results", k.max_poll_records + self.settings.engine.max_slots)
+        self._stages: dict[str, Any] = {}
+        self._helpers: list[threading.Thread] = []
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Worker:
@@ -90,20 +115,25 @@ class Worker:
         return self
 
     def run(self) -> None:
-        """The loop, in the calling thread, until ``stop``; raises the error that ended it."""
+        """The engine loop in the calling thread (the other stages on their own) until ``stop``;
+        raises the error that ended it."""
         self._running.set()
         try:
             self._open()
-            while not self._stop.is_set():
-                self._iteration()
-            self._drain()
+            engine_stage = self._build_stages()
+            for name in ("intake", "tokenizer", "output"):
+                t = threading.Thread(target=self._guarded, args=(self._stages[name].run,),
+                                     name=f"elbert-{name}-{self.replica_id}", daemon=True)
+                self._helpers.append(t)
+                t.start()
+            engine_stage.run()
         except BaseException as e:
-            self.error = e
-            log.exception("worker %s failed", self.replica_id)
-            raise
+            self._fail(e)
         finally:
-            self._close()
+            self._finish()
             self._running.clear()
+        if self.error is not None:
+            raise self.error
 
     def _run_quietly(self) -> None:
         with contextlib.suppress(BaseException):  # recorded in self.error; the health check reports it
@@ -150,13 +180,12 @@ class Worker:
         job = SyncJob(list(texts))
         if not job.texts:
             return []
-        with self._jobs_lock:
-            self._jobs.append(job)
-        if not self.alive():  # the loop ended meanwhile and will not take the job
+        # ahead of Kafka work (a caller is waiting); refused once the pipeline is closing
+        if not self._texts.put([job], urgent=True) or not self.alive():
             job.fail(EngineFailure(f"worker {self.replica_id} stopped"), None)
         return job.wait(timeout_s)
 
-    # ---- the loop -----------------------------------------------------------------------------
+    # ---- composition --------------------------------------------------------------------------
     def _open(self) -> None:
         k = self.settings.kafka
         eos = k.delivery == "exactly_once"
@@ -178,210 +207,111 @@ class Worker:
         log.info("worker %s: group %s as %s on %s", self.replica_id, k.group_id, k.group_instance_id,
                  k.input_topics)
 
-    def _iteration(self) -> None:
+    def _build_stages(self) -> EngineStage:
         assert self.source is not None and self.sink is not None  # set by _open
-        self.sink.raise_failures()
-        self.sink.retry_parked()
-        self.source.hold(self.sink.blocked())
-        self._take_jobs()
-        self._feed()
-        if self._backlog:
-            self.source.pause()
-        else:
-            self.source.resume()
-        busy = self.engine.has_work()
-        msgs = self.source.poll(0 if busy or self._backlog else self.settings.kafka.poll_timeout_ms)
-        self._apply_revokes()
-        msgs = [m for m in msgs if self.tracker.is_current(m.topic, m.partition, m.epoch)]
-        if msgs:
-            self._loop.arrived(len(msgs))
-            self._ingest(msgs)
-            self._feed()
-        if self.engine.has_work():
-            self._route(self.engine.step())
-        self._commit()
-        self._refresh_stats()
+        deadline: Callable[[], float] = lambda: self._drain_deadline  # noqa: E731
+        output = OutputStage(self.sink, self.tracker, self._results, self._loop, telemetry=self.telemetry,
+                             model_name=self.model_name, model_version=self.model_version,
+                             replica_id=self.replica_id, aborted=self._abort, deadline=deadline)
+        self._stages = {
+            "intake": Intake(self.settings.kafka, self.source, self.sink, self.tracker, self._budget,
+                             self._texts, self._loop, stopping=self._stop, aborted=self._abort,
+                             downstream_done=output.done, take_revoked=self._take_revoked),
+            "tokenizer": TokenizeStage(self._batch_tokenizer(), self.tracker, self._budget, self._texts,
+                                       self._requests, self._results, self._abort),
+            "engine": EngineStage(self.engine, self.tracker, self._budget, self._requests, self._results,
+                                  self._loop, aborted=self._abort, stopping=self._stop, deadline=deadline),
+            "output": output,
+        }
+        engine_stage: EngineStage = self._stages["engine"]
+        return engine_stage
 
-    def _ingest(self, msgs: list[InputMessage]) -> None:
-        """Decode and tokenize polled messages into backlog Requests; bad ones become dead letters."""
-        k = self.settings.kafka
-        good: list[tuple[InputMessage, str]] = []
-        for m in msgs:
-            try:
-                d = decode_input(m.value, input_format=k.input_format, max_message_bytes=k.max_message_bytes,
-                                 max_text_chars=k.max_text_chars)
-            except BadMessage as e:
-                self._dead_letter(m, e)
-                continue
-            m.id = d.id
-            good.append((m, d.text))
-        for (m, _), ids in zip(good, self._tokenize([t for _, t in good]), strict=True):
-            if isinstance(ids, BadMessage):
-                self._dead_letter(m, ids)
-            else:
-                self._backlog.append(Request(ids, meta=m, arrival_s=m.polled_s))
-
-    def _tokenize(self, texts: list[str]) -> list[list[int] | BadMessage]:
-        max_length = self.engine.max_length
+    def _batch_tokenizer(self) -> Callable[[list[str]], list[list[int]]]:
+        """The tokenizer stage's batch call: ``tokenizer`` (``sync_jobs.batch_tokenizer``), else the
+        engine's ``tokenize``."""
         if self.tokenizer is None:
-            return tokenize_each(self.engine.tokenize, texts)
-        tok = self.tokenizer
-        return tokenize_each(lambda b: list(tok(b, truncation=True, max_length=max_length)["input_ids"]),
-                             texts)
+            return self.engine.tokenize
+        return batch_tokenizer(self.tokenizer, self.engine.max_length)
 
-    def _feed(self) -> None:
-        """Move backlog requests into the engine until its queue is full."""
-        while self._backlog:
-            req = self._backlog[0]
-            try:
-                if not self.engine.add(req):
-                    return
-            except BadMessage as e:
-                self._backlog.popleft()
-                self._reject(req, e)
-                continue
-            self._backlog.popleft()
+    def _guarded(self, body: Callable[[], None]) -> None:
+        try:
+            body()
+        except BaseException as e:  # noqa: BLE001 - recorded; every stage stops
+            self._fail(e)
 
-    def _reject(self, req: Request, e: BadMessage) -> None:
-        if isinstance(req.meta, SyncRef):
-            req.meta.job.fail(e, req.meta.index)
-        else:
-            self._dead_letter(req.meta, e)
+    def _fail(self, e: BaseException) -> None:
+        """The first failure of any stage ends the worker: every stage aborts, nothing more is committed."""
+        if self.error is None:
+            self.error = e
+            log.error("worker %s failed", self.replica_id, exc_info=e)
+        self._abort.set()
+        for ch in (self._texts, self._requests, self._results):
+            ch.abort()
 
-    def _current(self, msg: InputMessage) -> bool:
-        """False for a message of a partition revoked since it was polled: its new owner re-reads it
-        from the last commit (which never covers it), so answering it would only add a duplicate."""
-        if self.tracker.is_current(msg.topic, msg.partition, msg.epoch):
-            return True
-        self._num_dropped_revoked += 1
-        return False
-
-    def _dead_letter(self, msg: InputMessage, e: BadMessage) -> None:
-        assert self.sink is not None
-        if not self._current(msg):
-            return
-        headers = trace_headers(msg)
-        if self.telemetry is not None:
-            headers = self.telemetry.record_dead_letter(e.reason, msg.headers)
-        self.sink.send_dead_letter(msg, e.reason, e.detail, trace=headers)
-
-    def _route(self, preds: list[Prediction]) -> None:
-        """Finished samples: Kafka ones to the output topic, synchronous ones to their caller."""
-        assert self.sink is not None
-        self._loop.finished(preds)
-        for p in preds:
-            meta = p.meta
-            if isinstance(meta, SyncRef):
-                meta.job.set(meta.index, p)
-                continue
-            if not self._current(meta):
-                continue
-            headers = trace_headers(meta)
-            if self.telemetry is not None:
-                headers = self.telemetry.record_prediction(p, meta.headers,
-                                                           source_timestamp_ms=meta.timestamp_ms)
-            rec = output_record(meta, p, model_name=self.model_name, model_version=self.model_version,
-                                replica_id=self.replica_id)
-            self.sink.send_output(meta, rec, headers)
-
-    def _take_jobs(self) -> None:
-        with self._jobs_lock:
-            jobs, self._jobs = list(self._jobs), deque()
-        for job in jobs:  # ahead of Kafka work: a caller is waiting
-            self._backlog.extendleft(reversed(job_requests(job, self._tokenize)))
+    def _finish(self) -> None:
+        """After the engine loop: wait for the other stages (the intake closes sink and source; if it
+        never ran, close them here) and fail the synchronous jobs left anywhere."""
+        if self.error is None and self._stages and not self._stop.is_set():
+            self._fail(EngineFailure(f"worker {self.replica_id}: the engine loop ended unasked"))
+        for t in self._helpers:
+            t.join(None if self.error is None else JOIN_S)
+            if t.is_alive():
+                log.error("worker %s: stage %s did not end", self.replica_id, t.name)
+        if not self._helpers:
+            for closer in (self.sink, self.source):
+                with contextlib.suppress(Exception):
+                    if closer is not None:
+                        closer.close()
+        stopped = EngineFailure(f"worker {self.replica_id} stopped")
+        engine_stage = self._stages.get("engine")
+        refs = engine_stage.pending_jobs() if engine_stage is not None else []
+        refs += [r.meta for r in self._requests.take_all() if isinstance(r.meta, SyncRef)]
+        for job in [*(i for i in self._texts.take_all() if isinstance(i, SyncJob)), *(r.job for r in refs)]:
+            job.fail(stopped, None)
 
     def _on_revoke(self, tps: set[TopicPartition]) -> None:
-        """Called on the consumer's IO thread: only record; ``_apply_revokes`` runs on the loop."""
-        with self._jobs_lock:
+        """Called on the consumer's IO thread: record the set for the intake (parked records of these
+        partitions are released there); each stage drops their work through the tracker's epochs."""
+        with self._revoked_lock:
             self._revoked |= tps
         drop = getattr(self.sink, "drop", None)  # exactly_once: held results of these partitions
         if drop is not None:
             drop(tps)
 
-    def _apply_revokes(self) -> None:
-        """Drop backlog messages of revoked partitions (their new owner re-reads them)."""
-        with self._jobs_lock:
+    def _take_revoked(self) -> set[TopicPartition]:
+        if not self._revoked:  # every intake iteration: usually nothing
+            return set()
+        with self._revoked_lock:
             tps, self._revoked = self._revoked, set()
-        if tps:
-            self._backlog = deque(r for r in self._backlog if isinstance(r.meta, SyncRef)
-                                  or TopicPartition(r.meta.topic, r.meta.partition) not in tps)
-            if self.sink is not None:
-                self.sink.parking.release(tps)
-
-    def _drain(self) -> None:
-        """Finish backlog and busy slots (until the deadline), flush, commit."""
-        assert self.source is not None and self.sink is not None
-        deadline = self._drain_deadline
-        log.info("worker %s draining: %d in backlog, engine busy=%s", self.replica_id, len(self._backlog),
-                 self.engine.has_work())
-        while (self._backlog or self.engine.has_work()) and time.monotonic() < deadline:
-            self.sink.raise_failures()
-            self._feed()
-            if self.engine.has_work():
-                self._route(self.engine.step())
-            self._commit()
-        left = len(self._backlog) + (1 if self.engine.has_work() else 0)
-        if left:
-            log.warning("worker %s: drain deadline hit with work left; it stays uncommitted", self.replica_id)
-        self.sink.flush(max(1.0, deadline - time.monotonic()) if deadline < float("inf") else None)
-        self.sink.raise_failures()
-        self._commit(force=True)
-
-    def _close(self) -> None:
-        with self._jobs_lock:
-            jobs, self._jobs = list(self._jobs), deque()
-        for job in jobs + [r.meta.job for r in self._backlog if isinstance(r.meta, SyncRef)]:
-            job.fail(EngineFailure(f"worker {self.replica_id} stopped"), None)
-        for closer in (self.sink.close if self.sink is not None else None, self._close_source):
-            try:
-                if closer is not None:
-                    closer()
-            except Exception:  # noqa: BLE001 - closing must not mask the loop's error
-                log.exception("worker %s: error while closing", self.replica_id)
-
-    def _commit(self, force: bool = False) -> None:
-        """Commit on the cadence (or now); the sink commits offsets alone, or with exactly_once one
-        transaction of outputs and offsets."""
-        assert self.source is not None and self.sink is not None
-        if self._cadence.due(force):
-            self.sink.commit(self.source, blocking=force)
-
-    def _close_source(self) -> None:
-        if self.source is not None:
-            if self.error is None:
-                self._commit(force=True)
-            self.source.close()
+        return tps
 
     # ---- stats ---------------------------------------------------------------------------------
-    def _refresh_stats(self) -> None:
-        now = time.monotonic()
-        if now - self._loop.engine_at >= STATS_EVERY_S:
-            self._loop.set_engine(self.engine.stats(), now)
-        if self.source is not None and (now - self._loop.lag_at >= LAG_EVERY_S
-                                        or len(self.source.consumer.assignment()) != len(self._loop.lag())):
-            self._loop.set_lag(self.source.lag(), self.source.total_partitions(), now)
-
     def stats(self) -> dict[str, Any]:
-        """Counters, rates and the autoscaler's inputs (see docs/streaming.md); cheap, any thread."""
+        """Counters, rates and the autoscaler's inputs (see docs/streaming.md); cheap, any thread.
+        ``backlog``: polled messages not yet queued in the engine; ``stages``: busy seconds, items and
+        revoked work dropped per stage."""
         sink, source = self.sink, self.source
         counts: Counter[str] = sink.counts_snapshot() if sink is not None else Counter()
         out = self._loop.snapshot()
+        failure, warnings = self.health()
+        stages = {name: stage.clock.snapshot() for name, stage in self._stages.items()}
         out.update(
             replica_id=self.replica_id, alive=self.alive(),
             error=None if self.error is None else repr(self.error),
             messages={o: counts.get(o, 0) for o in ("ok", "dead_letter", "error")},
             dead_letter_reasons={k.split(".", 1)[1]: v for k, v in counts.items()
                                  if k.startswith("dead_letter.")},
-            backlog=len(self._backlog), paused=bool(source and source.paused),
+            backlog=self._budget.used, results_queued=len(self._results),
+            paused=bool(source and source.paused),
             held_partitions=sorted(f"{t}[{p}]" for t, p in source.held) if source is not None else [],
             parked=sink.num_parked if sink is not None else 0,
-            problems=[p for p in (self.health()[0], *self.health()[1]) if p],
+            problems=[p for p in (failure, *warnings) if p],
             produce_in_flight=sink.in_flight if sink is not None else 0,
             pending_offsets=self.tracker.total_pending(),
             num_commits=source.num_commits if source is not None else 0,
             num_revocations=source.num_revocations if source is not None else 0,
-            num_dropped_revoked=self._num_dropped_revoked,
-            exit_policy=self.settings.exit.model_dump(),
+            num_dropped_revoked=sum(int(s["dropped_revoked"]) for s in stages.values()),
+            stages=stages, exit_policy=self.settings.exit.model_dump(),
         )
         return out
 
@@ -392,9 +322,10 @@ class Worker:
 
         s = self._loop.snapshot()
         lag = {(tp.topic, tp.partition): v for tp, v in self._loop.lag().items() if v is not None}
+        backlog = self._budget.used
         pending = pending_layer_work(s["busy_depth_counts"], s["recent_exit_depth_counts"], s["num_waiting"],
                                      sum(lag.values()) if lag else None)
-        return StatsSnapshot(busy_slots=s["num_busy"], queue_depth=s["num_waiting"] + len(self._backlog),
+        return StatsSnapshot(busy_slots=s["num_busy"], queue_depth=s["num_waiting"] + backlog,
                              pending_layer_work=pending, layer_steps=s["engine"].get("num_layer_rows", 0),
                              consumer_lag=lag, parked_records=self.sink.num_parked if self.sink else 0,
                              held_partitions=len(self.source.held) if self.source else 0)

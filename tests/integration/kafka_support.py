@@ -4,14 +4,18 @@ without a consumer group, read a group's committed offsets, build worker setting
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from elbert_stream.config import Settings
+from elbert_stream.config import KafkaSettings, Settings
+from elbert_stream.stream.client import client_config
 from elbert_stream.stream.records import OutputRecord
 
 Position = tuple[str, int, int]
@@ -213,3 +217,21 @@ def by_source(got: dict[str, list[Record]]) -> dict[tuple[str, int, int], list[t
                int(h["elbert.source.offset"]))
         index.setdefault(pos, []).append(("dead", rec))
     return index
+
+
+@contextmanager
+def other_member(k: KafkaSettings, topic: str) -> Iterator[KafkaConsumer]:
+    """A second, dynamic member of ``k.group_id`` that polls ``topic`` on its own thread (and never
+    commits) until the block ends; then it leaves the group (LeaveGroup)."""
+    other = KafkaConsumer(**client_config(k), group_id=k.group_id, session_timeout_ms=6000,
+                          heartbeat_interval_ms=1000, auto_offset_reset="earliest", enable_auto_commit=False)
+    other.subscribe([topic])
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: [other.poll(200) for _ in iter(stop.is_set, True)], daemon=True)
+    thread.start()
+    try:
+        yield other
+    finally:
+        stop.set()
+        thread.join(10)
+        other.close(autocommit=False)

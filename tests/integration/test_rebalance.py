@@ -10,14 +10,11 @@ of 3-34 inputs per fault run in exactly_once).
 
 from __future__ import annotations
 
-import threading
-
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
-from kafka_support import wait_for
+from kafka import KafkaProducer
+from kafka_support import other_member, wait_for
 
 from elbert_stream.config import KafkaSettings
-from elbert_stream.stream.client import client_config
 from elbert_stream.stream.offsets import OffsetTracker
 from elbert_stream.stream.source import KafkaSource
 
@@ -64,19 +61,11 @@ def test_partitions_given_back_to_the_same_member_are_read_again(kafka_bootstrap
             if m.offset < PER_PARTITION // 2:
                 assert tracker.done((m.topic, m.partition), m.offset, m.epoch)
         # member B joins: a rebalance revokes everything from A and gives part of it back
-        stop = threading.Event()
-        other = KafkaConsumer(**client_config(k), group_id=k.group_id, session_timeout_ms=6000,
-                              heartbeat_interval_ms=1000, auto_offset_reset="earliest",
-                              enable_auto_commit=False)
-        other.subscribe([topics["input"]])
-        thread = threading.Thread(target=lambda: [other.poll(200) for _ in iter(stop.is_set, True)],
-                                  daemon=True)
-        thread.start()
         again: list[tuple[int, int]] = []
         # at_least_once: the finished half was delivered, only the rest comes again;
         # exactly_once: the held half was dropped with the rest, everything comes again
         first = 0 if transactional else PER_PARTITION // 2
-        try:
+        with other_member(k, topics["input"]):
             def rebalanced_and_reread() -> bool:
                 again.extend((m.partition, m.offset) for m in source.poll(200))
                 mine = {tp.partition for tp in source.assignment()}
@@ -84,9 +73,5 @@ def test_partitions_given_back_to_the_same_member_are_read_again(kafka_bootstrap
                     {(p, o) for o in range(first, PER_PARTITION)} <= set(again) for p in mine)
             assert wait_for(rebalanced_and_reread, timeout_s=90), (
                 f"after the rebalance A holds {sorted(source.assignment())}; read again {sorted(again)}")
-        finally:
-            stop.set()
-            thread.join(10)
-            other.close(autocommit=False)
     finally:
         source.close()
