@@ -22,7 +22,8 @@ Kafka group membership (measured on Tansu 0.6; docs/serving.md has the table): b
 replica is a DYNAMIC member. Tansu expires a dead dynamic member after ``kafka.session_timeout_ms``
 but never a departed STATIC one (its partitions stay with the ghost until the same
 ``group_instance_id`` returns), and Serve's ranks move (a replacement often starts on a new rank
-and is re-packed a moment later), so rank-based static ids leave ghosts that wedge the group.
+and is re-packed a moment later), so rank-based static ids of killed replicas leave ghosts that
+wedge the group (a clean stop leaves the group: ``kafka.leave_group_on_close``).
 Setting ``kafka.group_instance_id`` (a prefix) opts into static membership as
 ``"{prefix}-r{rank}"`` (KIP-345: meant for a real Kafka, which expires departed static members);
 the worker then restarts under its new id when Serve re-packs ranks.
