@@ -121,8 +121,9 @@ class EngineStats:
 
 class EngineLike(Protocol):
     """What the stream worker needs of an engine (``engine.Engine`` is one; ``stream/`` never imports
-    it, so the Kafka side runs without torch in its imports). Every method runs on the worker's loop
-    thread, except ``set_exit_settings``, which is thread-safe (it applies at the next step)."""
+    it, so the Kafka side runs without torch in its imports). ``add``, ``has_work``, ``step`` and
+    ``stats`` run on the worker's engine thread; ``tokenize`` on its tokenizer thread (it must not
+    touch the slot table); ``set_exit_settings`` is thread-safe (it applies at the next step)."""
 
     max_length: int  # token ids per request, at most
 
