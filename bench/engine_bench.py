@@ -263,7 +263,9 @@ def layer_row_cost(setup: Setup, batch: int, max_length: int, min_rows: int = 25
     out: dict[str, float] = {}
     for rows in (1, batch):
         x = torch.randn(rows, max_length, model.hidden_size, device=model.device, dtype=model.dtype)
-        mask = torch.ones(rows, max_length, dtype=torch.long, device=model.device)
+        x = x.to(engine._compute.hidden_dtype)
+        mask = engine._compute.mask(torch.full((rows,), max_length, device=model.device),
+                                    torch.arange(max_length, device=model.device))
         reps = max(3, min_rows // rows)
         for _ in range(2):
             engine._layer_head(x, mask)  # the exact call a step makes

@@ -185,9 +185,9 @@ class ReplayPolicy:
         target = torch.where(state.pred < 0, drawn, state.streak)  # [B] fresh rows take a new depth
         done = depth >= target  # [B]
         reason = torch.where(done, EXIT_WINDOW, NO_EXIT)
-        reason = torch.where(depth >= self.num_layers, EXIT_MAX_DEPTH, reason).to(torch.int8)
+        reason = torch.where(depth >= self.num_layers, EXIT_MAX_DEPTH, reason)
         state_out = ExitState(pred=pred, top=top, streak=target, rising=torch.zeros_like(target))
-        return ExitDecision(exit=reason != NO_EXIT, reason=reason, pred=pred, top=top,
+        return ExitDecision(reason=reason, pred=pred, top=top,
                             entropy=normalised_entropy(probs), state=state_out)
 
 
