@@ -1,7 +1,8 @@
 """Offline scoring shared by training and evaluation: tokenise, all-depth probabilities, threshold grids.
 
 * ``encode(tokenizer, texts, max_length)`` -> ``input_ids``/``attention_mask`` ``[N, T]``
-* ``all_depth_probs(model, ids, mask)`` -> softmax probabilities at every depth ``[L, N, K]``
+* ``all_depth_probs(model, ids, mask[, precision])`` -> softmax probabilities at every depth ``[L, N, K]``
+* ``agreement(policy, probs, reference)`` -> labels and exit depths of a precision mode vs float32
 * ``policy_grid(name, L)`` -> the thresholds evaluated for each exit policy
 * ``score_policy(policy, probs, labels)`` -> accuracy, mean exit depth, speedup, histogram
 * ``choose_exit_defaults(probs, labels, max_loss_points)`` -> the fastest confidence-window setting
@@ -21,6 +22,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from elbert_stream.config import ExitSettings
 from elbert_stream.engine.model import ElbertModel
 from elbert_stream.engine.policy import REASON_NAMES, ExitPolicy, exit_depths_offline
+from elbert_stream.engine.step import StepCompute
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +42,47 @@ def encode(
 
 @torch.no_grad()
 def all_depth_probs(
-    model: ElbertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 64
+    model: ElbertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 64,
+    precision: str | None = None,
 ) -> torch.Tensor:
-    """Probabilities at every depth, ``[L, N, K]`` float32 on CPU (model put in eval mode)."""
+    """Probabilities at every depth, ``[L, N, K]`` float32 on CPU (model put in eval mode).
+
+    ``precision`` None: ``model.forward`` (transformers' layer, the reference); a layer precision
+    (``model``, ``bfloat16``, ``int8``): the engine's own step compute in that mode."""
     model.eval()
+    compute = StepCompute(model, precision) if precision is not None else None
     out = []
     for start in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[start : start + batch_size].to(model.device)  # [b, T]
         mask = attention_mask[start : start + batch_size].to(model.device)  # [b, T]
         keep = int(mask.sum(1).max())  # drop all-padding columns
-        logits = model(ids[:, :keep], mask[:, :keep])  # [L, b, K]
-        out.append(logits.float().softmax(-1).cpu())
+        ids, mask = ids[:, :keep], mask[:, :keep]
+        if compute is None:
+            probs = model(ids, mask).float().softmax(-1)  # [L, b, K]
+        else:
+            probs = compute.all_depths(model.embed(ids, mask), mask.sum(1), model.num_layers)
+        out.append(probs.cpu())
     return torch.cat(out, dim=1)  # [L, N, K]
+
+
+def agreement(policy: ExitPolicy, probs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """How far ``probs`` (e.g. a precision mode) departs from ``reference`` (float32), both
+    ``[L, N, K]``: label agreement at full depth and under ``policy``, exit-depth agreement."""
+    n = probs.shape[1]
+    full = probs[-1].argmax(-1) == reference[-1].argmax(-1)  # [N]
+    depth, _ = exit_depths_offline(policy, probs)
+    ref_depth, _ = exit_depths_offline(policy, reference)
+    label = probs[depth - 1, torch.arange(n)].argmax(-1)
+    ref_label = reference[ref_depth - 1, torch.arange(n)].argmax(-1)
+    return {
+        "full_depth_label_agreement": float(full.float().mean()),
+        "label_agreement": float((label == ref_label).float().mean()),
+        "exit_depth_agreement": float((depth == ref_depth).float().mean()),
+        "exit_depth_within_one": float(((depth - ref_depth).abs() <= 1).float().mean()),
+        "mean_exit_depth": float(depth.float().mean()),
+        "reference_mean_exit_depth": float(ref_depth.float().mean()),
+        "max_abs_prob_diff": float((probs - reference).abs().max()),
+    }
 
 
 def depth_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> list[float]:
