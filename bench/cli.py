@@ -4,6 +4,7 @@ to ``bench/results/`` with the command that produced them. ``make bench`` runs `
 * ``engine``   variants (a)-(f) side by side + streaming latency (``engine_bench``)
 * ``accuracy`` accuracy / exit depth per policy (the ``evaluate`` command, written to ``--out``)
 * ``stream``   broker -> Serve replica -> broker vs the engine alone (``stream_bench``)
+* ``ops``      aten ops (and CUDA kernels) per steady engine step (``step_ops``)
 * ``all``      the three in turn with their defaults (``--quick`` shrinks each for a smoke run)
 
 A part module offers ``add_arguments(parser)`` and a handler ``(args) -> int``; this module
@@ -29,6 +30,7 @@ PARTS: dict[str, tuple[str, str]] = {
     "engine": ("bench.engine_bench", "main"),
     "accuracy": ("bench.cli", "run_accuracy"),
     "stream": ("bench.stream_bench", "run_stream_bench"),
+    "ops": ("bench.step_ops", "main"),
 }
 QUICK_STREAM_MESSAGES = 100
 
@@ -107,12 +109,12 @@ def run_all(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks -> bench/results/*.json + *.md")
-    parts = bench.add_subparsers(dest="part", metavar="{engine,accuracy,stream,all}", required=True)
+    parts = bench.add_subparsers(dest="part", metavar="{" + ",".join([*PARTS, "all"]) + "}", required=True)
     for part in PARTS:
         p = parts.add_parser(part, help=_describe(part), conflict_handler="resolve")
         _add_part_arguments(p, part)
         p.set_defaults(func=lambda a, part=part: run_part(part, a))
-    p = parts.add_parser("all", help="engine, accuracy and stream in turn")
+    p = parts.add_parser("all", help="every part in turn")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--quick", action="store_true", help="a small smoke run of every part")
     p.set_defaults(func=run_all)

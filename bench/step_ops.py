@@ -9,8 +9,8 @@ small batch the count is what bounds the step time. The reference setup is the i
 tiny test model (``tests/unit/tiny_elbert.py``: hidden 32, gelu_new), its default exit policy,
 8 texts of 12-19 tokens, the second step (depth 2, where nothing exits).
 
-``python -m bench.step_ops [--out DIR]`` writes ``step_ops.json`` + ``step_ops.md``;
-``elbert-stream bench ops`` does the same.
+``python -m bench.step_ops [--device cuda] [--out DIR]`` writes ``step_ops.json`` + ``step_ops.md``
+(on CUDA also the kernels launched per steady step); ``elbert-stream bench ops`` does the same.
 """
 
 from __future__ import annotations
@@ -73,13 +73,13 @@ def count_ops(events: list[Any]) -> dict[str, Any]:
             "by_name": dict(Counter(e.name for e in real).most_common())}
 
 
-def reference_engine(model: ElbertModel | None = None, **settings: Any) -> Engine:
+def reference_engine(model: ElbertModel | None = None, device: str = "cpu", **settings: Any) -> Engine:
     """The reference setup (module docstring), one step in: the next step is steady."""
     if model is None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
         from tiny_elbert import tiny_model  # the test model, by design
 
-        model = tiny_model(12)
+        model = tiny_model(12).to(device)
     policy = ExitPolicy.for_model(ExitSettings(), model.num_layers, model.extras.exit)
     engine = Engine(model, policy, EngineSettings(max_slots=NUM_TEXTS, **settings), max_length=32)
     for i in range(NUM_TEXTS):
@@ -91,13 +91,21 @@ def reference_engine(model: ElbertModel | None = None, **settings: Any) -> Engin
 def steady_step_ops(engine: Engine) -> dict[str, Any]:
     """Profile the engine's next step; ``ValueError`` if it was not steady."""
     before = engine.stats()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = engine.model.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
         out = engine.step()
     after = engine.stats()
     if out or after.num_admitted != before.num_admitted:
         raise ValueError(f"not a steady step: {len(out)} exits, {after.num_admitted - before.num_admitted} "
                          "admitted")
-    return count_ops(list(prof.events()))
+    events = list(prof.events())
+    doc = count_ops([e for e in events if e.device_type == torch.autograd.DeviceType.CPU])
+    if cuda:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        doc["num_cuda_kernels"] = len(kernels)
+        doc["cuda_kernels"] = dict(Counter(e.name[:80] for e in kernels).most_common(40))
+    return doc
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -105,19 +113,24 @@ def markdown(doc: dict[str, Any]) -> str:
              f"torch {doc['torch']}; setup: {doc['setup']}", "",
              f"**{doc['num_ops']} top-level non-view aten ops** per steady step "
              f"({doc['num_aten_events']} aten events counting nested ones). Before this change "
-             f"(issue #11): {doc['before']} ops.", "", "| op | count |", "| --- | ---: |"]
+             f"(issue #11): {doc['before']} ops."
+             + (f" CUDA kernels: {doc['num_cuda_kernels']}." if "num_cuda_kernels" in doc else ""),
+             "", "| op | count |", "| --- | ---: |"]
     lines += [f"| `{name}` | {n} |" for name, n in doc["by_name"].items()]
     return "\n".join(lines) + "\n"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """(ops) no flags of its own beyond ``--out``."""
+    """(ops) ``--device``."""
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
 
 
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
-    doc = steady_step_ops(reference_engine())
-    doc.update(command=getattr(args, "command_line", None) or "python -m bench.step_ops",
+    doc = steady_step_ops(reference_engine(device=args.device))
+    command = f"python -m bench.step_ops --device {args.device}"
+    doc.update(command=getattr(args, "command_line", None) or command,
+               device=args.device,
                torch=torch.__version__, before=87,
                setup="tiny_model(12) (tests/unit/tiny_elbert.py), default policy, 8 texts, step 2, CPU eager")
     out = Path(args.out)
@@ -132,5 +145,6 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
+    add_arguments(parser)
     logging.basicConfig(level=logging.INFO)
     raise SystemExit(main(parser.parse_args()))
