@@ -319,11 +319,13 @@ def run_engine_bench(opts: BenchOptions, unique: list[list[int]] | None = None) 
     """Run every batch size; returns the engine.json document (also written to ``opts.out_dir``)."""
     if opts.rounds < 1 or not opts.batches or any(b < 1 for b in opts.batches):
         raise ConfigError(f"rounds and batch sizes must be >= 1, got {opts.rounds}, {opts.batches}")
+    load_start = os.getloadavg()[0]
     setup = build_setup(opts, unique)
     log.info("engine bench: %d inputs (%d unique), model %s, policy %s", len(setup.inputs),
              len(setup.unique), opts.size, setup.policy_desc)
     runs = [bench_batch(setup, batch, opts) for batch in opts.batches]
     doc = bench_report.document(opts, setup, runs)
+    doc["load_average_1m"] = {"start": load_start, "end": os.getloadavg()[0]}
     bench_report.write(doc, opts.out_dir)
     return doc
 
@@ -377,8 +379,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 
 def warn_if_busy() -> None:
-    """A busy CPU box makes multi-threaded OpenMP kernels wait on each other (25x slower steps at
-    batch size 1 measured here); one thread per process is then the stable choice."""
+    """Busy CPUs make OpenMP threads wait on each other (25x slower batch-1 steps seen): use 1 thread."""
     load, cpus, threads = os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads()
     if threads > 1 and load > cpus:
         log.warning("machine busy: load %.1f on %d CPUs with %d torch threads; timings will be noisy "

@@ -73,7 +73,12 @@ def export_onnx(model: ElbertModel, out_dir: Path, max_length: int) -> dict[str,
         torch.onnx.export(FullDepth(model).eval(), (ids, torch.ones_like(ids)), str(fp32), dynamo=True,
                           input_names=["ids", "mask"], output_names=["logits"], optimize=True,
                           dynamic_shapes={"ids": {0: batch, 1: seq}, "mask": {0: batch, 1: seq}})
-        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+        root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.WARNING)  # onnxruntime.quantization logs a line per node on the root logger
+        try:
+            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
     return {"ort_fp32": fp32, "ort_int8": int8}
 
 

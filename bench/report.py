@@ -166,6 +166,10 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads)"
         + (f", GPU {m['gpu']}" if m["gpu"] else "") + "  ",
         f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}  ",
+        *([f"Load average (1 min) at start / end: {doc['load_average_1m']['start']:.1f} / "
+           f"{doc['load_average_1m']['end']:.1f} on {m['cpu_count']} CPUs: other processes share this "
+           "machine; compare variants within this run (interleaved rounds), not rates across runs.  "]
+          if "load_average_1m" in doc else []),
         f"Model: {doc['model']}  ", f"Exit policy: {doc['policy']}  ",
         f"Inputs: {doc['num_inputs']} BBC val+test texts ({doc['num_unique_inputs']} unique, repeated) for "
         f"(c), (d), (f); the first {doc['num_full_depth_batches']} batches of them for (a), (b); the first "

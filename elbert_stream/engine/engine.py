@@ -9,7 +9,7 @@ State lives on the model's device between steps: hidden states ``[S, T_max, H]``
 per-depth trace ``[S, L + 1, 3]`` (pred, top prob, entropy at column = depth). Per step the host
 reads only the exit reasons of the busy rows (``DeviceLink.read``: the one wait for the device),
 then, on steps where some exited, those rows' probabilities and traces. While the device runs a
-step, the host admits waiting requests into the slots already free and queues their embedding.
+step, the host stages the token ids of the requests next in line for admission.
 Each step runs on the busy rows cut to the longest busy text (see docs/engine.md).
 
 Modes (same code path; the benchmark compares them):
@@ -93,6 +93,7 @@ class Engine:
                                   exit_depth_counts=[0] * model.num_layers)
         self._failure: Exception | None = None
         self._held: list[_Exit] = []  # naive mode: exited rows waiting for their batch
+        self._staged: dict[int, np.ndarray] = {}  # id(waiting request) -> its ids (``_prestage``)
         self._compile = compile
         self._layer_head = self._eager_layer_head
         self._decide = self._policy_fn(policy)
@@ -281,7 +282,8 @@ class Engine:
         ids = packed[2 * n:].reshape(n, width)
         ids.fill(self.model.config.pad_token_id or 0)
         for i, a in enumerate(admitted):
-            ids[i, : lens[i]] = a.request.input_ids
+            row = self._staged.pop(id(a.request), None)
+            ids[i, : lens[i]] = row if row is not None and row.size == lens[i] else a.request.input_ids
         dev_packed = self._link.upload(packed)  # [2A + A*Tn]
         slots, lens_t = dev_packed[:n], dev_packed[n:2 * n]  # [A], [A]
         ids_t = dev_packed[2 * n:].view(n, width)  # [A, Tn]
@@ -296,6 +298,14 @@ class Engine:
         self._busy[slots_np] = True
         self._done[slots_np] = False
         self._stats.num_admitted += n
+
+    def _prestage(self) -> None:
+        """Token ids of the requests next in line as int64 arrays, ready for ``_admit`` (host work
+        placed where the device is busy; on CPU it only moves the cost)."""
+        staged = self._staged
+        for request in self._sched.peek(self._sched.max_slots):
+            if id(request) not in staged:
+                staged[id(request)] = np.asarray(request.input_ids, dtype=np.int64)
 
     def _eager_layer_head(self, x: torch.Tensor, mask: StepMask) -> torch.Tensor:
         """One shared-layer application to hidden ``x`` ``[B, T, H]`` IN PLACE; returns the exit
@@ -326,9 +336,7 @@ class Engine:
         idx, probs, reason_dev = self._advance(busy, t)  # queued on the device
         self._depth[busy] += 1
         self._count_step(busy, t)
-        early = self._sched.schedule()  # into slots free before this step: exits only add room
-        if early:
-            self._admit(early)  # host packing overlaps the device's work; embedding queued behind it
+        self._prestage()  # host work for the next admissions while the device runs this step
         reason = self._link.read(reason_dev)  # [B]  the one per-step device->host read
         pos = np.flatnonzero((reason != 0) & ~self._done[busy])  # exited rows, as positions within busy
         if pos.size == 0:

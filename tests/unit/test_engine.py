@@ -326,3 +326,21 @@ def test_a_steady_step_runs_at_most_half_the_ops_it_did_before() -> None:
 
     ops = steady_step_ops(reference_engine())  # the setup: 87 ops before
     assert ops["num_ops"] <= 43, ops["by_name"]
+
+
+def test_the_next_admissions_are_staged_while_the_device_runs() -> None:
+    eng = engine("none", max_slots=2, max_batch_tokens=400)
+    rng = random.Random(5)
+    reqs = [Request(text(rng, 4 + i), request_id=str(i)) for i in range(5)]
+    for r in reqs:
+        assert eng.add(r)
+    eng.step()  # admits 0 and 1; while their layer runs, stages the next two in line
+    assert set(eng._staged) == {id(reqs[2]), id(reqs[3])}
+    assert eng._staged[id(reqs[2])].tolist() == reqs[2].input_ids
+    out = eng.step()
+    while eng.has_work():
+        out += eng.step()
+    assert eng._staged == {}  # every staged row was used by its admission
+    for p in out:
+        check_prediction(p, reqs[int(p.request_id)].input_ids, POLICIES["none"])
+    assert sorted(int(p.request_id) for p in out) == list(range(5))
