@@ -1,4 +1,4 @@
-"""``elbert-stream bench {engine,accuracy,stream,host,padding,all}``: the benchmarks, each writing JSON +
+"""``elbert-stream bench {engine,accuracy,stream,host,padding,ops,all}``: the benchmarks, each writing JSON +
 markdown to ``bench/results/`` with the command that produced them. ``make bench`` runs ``bench all``.
 
 * ``engine``   variants (a)-(f) side by side + streaming latency (``engine_bench``)
@@ -6,6 +6,7 @@ markdown to ``bench/results/`` with the command that produced them. ``make bench
 * ``stream``   broker -> Serve replica -> broker vs the engine alone (``stream_bench``)
 * ``padding``  training step time, per-batch vs whole-set padding (``train_padding``)
 * ``host``     a bare kafka-python loop vs one Worker's data path, interleaved (``host_bench``)
+* ``ops``      aten ops (and CUDA kernels) per steady engine step (``step_ops``)
 * ``all``      every part in turn with their defaults (``--quick`` shrinks each for a smoke run)
 
 A part module offers ``add_arguments(parser)`` and a handler ``(args) -> int``; this module
@@ -33,6 +34,7 @@ PARTS: dict[str, tuple[str, str]] = {
     "stream": ("bench.stream_bench", "run_stream_bench"),
     "padding": ("bench.train_padding", "run_padding_bench"),
     "host": ("bench.host_bench", "run_host_bench"),
+    "ops": ("bench.step_ops", "main"),
 }
 QUICK_STREAM_MESSAGES = 100
 
@@ -111,13 +113,12 @@ def run_all(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks -> bench/results/*.json + *.md")
-    parts = bench.add_subparsers(dest="part", metavar="{engine,accuracy,stream,host,padding,all}",
-                                 required=True)
+    parts = bench.add_subparsers(dest="part", metavar="{" + ",".join([*PARTS, "all"]) + "}", required=True)
     for part in PARTS:
         p = parts.add_parser(part, help=_describe(part), conflict_handler="resolve")
         _add_part_arguments(p, part)
         p.set_defaults(func=lambda a, part=part: run_part(part, a))
-    p = parts.add_parser("all", help="engine, accuracy, stream, host and padding in turn")
+    p = parts.add_parser("all", help="every part in turn")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--quick", action="store_true", help="a small smoke run of every part")
     p.set_defaults(func=run_all)

@@ -1,6 +1,4 @@
-"""The engine benchmark: six ways to run the same model over the same inputs, side by side.
-
-Variants (all on one model, one input set, one batch size, measured in one run):
+"""The engine benchmark: six ways (and four CPU peers) to run the same model over the same inputs.
 
 * (a) transformers' ``AlbertForSequenceClassification``, full depth, static batches
 * (b) our engine, policy ``none`` (full depth), continuous batching
@@ -15,6 +13,9 @@ Ideal = (a) x L / mean exit depth of (f). Fairness on a noisy machine: the input
 The early-exit variants (c, d, f) run on all inputs; the full-depth ones (a, b) on the first
 ``full_depth_batches`` batches of them and batch-1 (e) on the first ``single_samples`` (a sample's
 cost at full depth does not depend on which text it is: every BBC text fills ``max_length``).
+
+CPU peers (``bench.peers``, same rounds): ONNX Runtime full depth fp32 / int8 (inputs of (a)), and
+(f) with the layer in bfloat16 / int8; labels compared with (f) (precision) and (b) (ONNX Runtime).
 
 Streaming: Poisson arrivals at fractions of (f)'s measured capacity, simulated in virtual time
 (see ``bench.harness.simulate_stream`` and docs/benchmarks.md), p50/p99 latency of (c), (d), (f).
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from bench import harness as H
+from bench import peers as P
 from bench import report as bench_report
 from elbert_stream.config import EngineSettings, ExitSettings
 from elbert_stream.engine.engine import BatchMode, Engine
@@ -53,7 +55,8 @@ VARIANTS: dict[str, str] = {
     "e": "batch size 1, early exit",
     "f": "continuous batching, early exit",
 }
-FULL_DEPTH = ("a", "b")
+DESCRIPTIONS: dict[str, str] = {**VARIANTS, **P.PEERS}
+FULL_DEPTH = ("a", "b", *P.ORT_PEERS)
 STREAM_VARIANTS = ("c", "d", "f")
 
 
@@ -80,6 +83,7 @@ class BenchOptions:
     loads: list[float] = field(default_factory=lambda: [0.5, 0.8])
     stream_requests: int = 600
     compile: bool = False
+    peers: bool = True  # the CPU peers (bench.peers): ONNX Runtime and the layer precision modes
     seed: int = 0
     out_dir: Path = Path("bench/results")
     command: str = "elbert-stream bench engine"
@@ -142,10 +146,11 @@ def build_setup(opts: BenchOptions, unique: list[list[int]] | None = None) -> Se
 
 # ---- one variant, one chunk -------------------------------------------------------------------
 def engine_runner(setup: Setup, mode: BatchMode, slots: int, max_length: int, early_exit: bool,
-                  compile: bool = False) -> Callable[[Sequence[Sequence[int]]], dict[str, Any]]:
+                  compile: bool = False,
+                  precision: str = "model") -> Callable[[Sequence[Sequence[int]]], dict[str, Any]]:
     """A callable that runs a fresh ``Engine`` in ``mode`` over some inputs and reports counts."""
     settings = EngineSettings(max_slots=slots, max_batch_tokens=slots * max_length,
-                              max_queue=max(1024, 4 * slots))
+                              max_queue=max(1024, 4 * slots), layer_precision=precision)
     model = setup.model
 
     def run(inputs: Sequence[Sequence[int]]) -> dict[str, Any]:
@@ -163,7 +168,7 @@ def engine_runner(setup: Setup, mode: BatchMode, slots: int, max_length: int, ea
 
 def variant_runners(setup: Setup, batch: int, opts: BenchOptions) -> dict[str, Callable[..., dict[str, Any]]]:
     L = opts.max_length  # noqa: N806
-    return {
+    runners = {
         "a": lambda x: H.hf_static_throughput(setup.model, x, batch),
         "b": engine_runner(setup, "continuous", batch, L, early_exit=False, compile=opts.compile),
         "c": engine_runner(setup, "naive", batch, L, early_exit=True, compile=opts.compile),
@@ -171,6 +176,10 @@ def variant_runners(setup: Setup, batch: int, opts: BenchOptions) -> dict[str, C
         "e": engine_runner(setup, "continuous", 1, L, early_exit=True, compile=opts.compile),
         "f": engine_runner(setup, "continuous", batch, L, early_exit=True, compile=opts.compile),
     }
+    if opts.peers:
+        runners.update(P.peer_runners(setup.model, batch, L, None, lambda precision: engine_runner(
+            setup, "continuous", batch, L, early_exit=True, compile=opts.compile, precision=precision)))
+    return runners
 
 
 def chunks(items: Sequence[Any], n: int) -> list[Sequence[Any]]:
@@ -180,16 +189,18 @@ def chunks(items: Sequence[Any], n: int) -> list[Sequence[Any]]:
 
 
 # ---- throughput -------------------------------------------------------------------------------
-def variant_inputs(setup: Setup, batch: int, opts: BenchOptions) -> dict[str, Sequence[list[int]]]:
+def variant_inputs(setup: Setup, batch: int, opts: BenchOptions,
+                   names: Sequence[str]) -> dict[str, Sequence[list[int]]]:
     full = setup.inputs[: opts.full_depth_batches * batch]
     single = setup.inputs[: opts.single_samples]
-    return {v: full if v in FULL_DEPTH else single if v == "e" else setup.inputs for v in VARIANTS}
+    return {v: full if v in FULL_DEPTH else single if v == "e" else setup.inputs for v in names}
 
 
 def measure_throughput(runners: dict[str, Callable[..., dict[str, Any]]], inputs: dict[str, Sequence[Any]],
                        rounds: int) -> dict[str, dict[str, Any]]:
-    """Every variant over its inputs, interleaved: round r runs all variants on chunk r, rotated."""
-    names = list(VARIANTS)
+    """Every variant over its inputs, interleaved: round r runs all variants on chunk r, rotated.
+    Per-input labels (and exit depths) are kept under ``per_input`` in ``totals[v]``."""
+    names = list(runners)
     parts = {v: chunks(inputs[v], rounds) for v in names}
     for v in names:  # warm-up: allocator, kernels, first-call overheads
         runners[v](parts[v][0][: 8 if v == "e" else 64])
@@ -206,8 +217,9 @@ def measure_throughput(runners: dict[str, Callable[..., dict[str, Any]]], inputs
             t["num_layer_rows"] += res["num_layer_rows"]
             t["depth_sum"] += sum(res["depths"]) if "depths" in res else res["num_layer_rows"]
             t["per_round"].append(res["num_samples"] / res["elapsed_s"])
-            if "depths" in res and v == "f":
-                t.setdefault("depths", []).extend(res["depths"])
+            if "labels" in res:
+                t.setdefault("labels", []).extend(res["labels"])
+                t.setdefault("depths", []).extend(res.get("depths", []))
             log.info("round %d variant %s: %.1f samples/s", r, v, t["per_round"][-1])
     return {v: summarise_variant(v, t) for v, t in totals.items()}
 
@@ -218,13 +230,14 @@ def summarise_variant(name: str, t: dict[str, Any]) -> dict[str, Any]:
     el = t["elapsed_s"]
     pooled = t["num_samples"] / el
     robust = float(np.median(t["per_round"])) / pooled  # 1.0 on a quiet machine
-    out = {"description": VARIANTS[name], "samples_per_s": pooled * robust, "pooled_samples_per_s": pooled,
+    out = {"description": DESCRIPTIONS[name], "samples_per_s": pooled * robust,
+           "pooled_samples_per_s": pooled,
            "layer_steps_per_s": t["num_layer_rows"] / el * robust,
            "useful_layer_steps_per_s": t["depth_sum"] / el * robust,
            "mean_exit_depth": t["depth_sum"] / t["num_samples"], "num_samples": t["num_samples"],
            "elapsed_s": el, "per_round_samples_per_s": t["per_round"]}
-    if "depths" in t:
-        out["depths"] = t["depths"]
+    if "labels" in t:
+        out["per_input"] = {"labels": t["labels"], "depths": t["depths"]}
     return out
 
 
@@ -263,7 +276,9 @@ def layer_row_cost(setup: Setup, batch: int, max_length: int, min_rows: int = 25
     out: dict[str, float] = {}
     for rows in (1, batch):
         x = torch.randn(rows, max_length, model.hidden_size, device=model.device, dtype=model.dtype)
-        mask = torch.ones(rows, max_length, dtype=torch.long, device=model.device)
+        x = x.to(engine._compute.hidden_dtype)
+        mask = engine._compute.mask(torch.full((rows,), max_length, device=model.device),
+                                    torch.arange(max_length, device=model.device))
         reps = max(3, min_rows // rows)
         for _ in range(2):
             engine._layer_head(x, mask)  # the exact call a step makes
@@ -282,8 +297,9 @@ def bench_batch(setup: Setup, batch: int, opts: BenchOptions) -> dict[str, Any]:
     """All variants at one batch size, then streaming at that batch size."""
     runners = variant_runners(setup, batch, opts)
     row_cost = layer_row_cost(setup, batch, opts.max_length)
-    variants = measure_throughput(runners, variant_inputs(setup, batch, opts), opts.rounds)
-    depths = variants["f"].pop("depths")
+    variants = measure_throughput(runners, variant_inputs(setup, batch, opts, list(runners)), opts.rounds)
+    per_input = {v: r.pop("per_input") for v, r in variants.items() if "per_input" in r}
+    depths = per_input["f"]["depths"]
     num_layers = setup.model.num_layers
     ideal = variants["a"]["samples_per_s"] * num_layers / variants["f"]["mean_exit_depth"]
     for v in variants.values():
@@ -293,6 +309,7 @@ def bench_batch(setup: Setup, batch: int, opts: BenchOptions) -> dict[str, Any]:
                  if opts.loads and opts.stream_requests else {})
     run = {"batch_size": batch, "variants": variants, "ideal_samples_per_s": ideal,
            "ratios": bench_report.ratios(variants, ideal), "streaming": streaming, "layer_row_cost": row_cost,
+           "agreement": P.agreements(per_input),
            "exit_depth_histogram_f": np.bincount(depths, minlength=num_layers + 1)[1:].tolist()}
     run["targets"] = bench_report.targets(run, setup.model.device.type)
     return run
@@ -302,11 +319,13 @@ def run_engine_bench(opts: BenchOptions, unique: list[list[int]] | None = None) 
     """Run every batch size; returns the engine.json document (also written to ``opts.out_dir``)."""
     if opts.rounds < 1 or not opts.batches or any(b < 1 for b in opts.batches):
         raise ConfigError(f"rounds and batch sizes must be >= 1, got {opts.rounds}, {opts.batches}")
+    load_start = os.getloadavg()[0]
     setup = build_setup(opts, unique)
     log.info("engine bench: %d inputs (%d unique), model %s, policy %s", len(setup.inputs),
              len(setup.unique), opts.size, setup.policy_desc)
     runs = [bench_batch(setup, batch, opts) for batch in opts.batches]
     doc = bench_report.document(opts, setup, runs)
+    doc["load_average_1m"] = {"start": load_start, "end": os.getloadavg()[0]}
     bench_report.write(doc, opts.out_dir)
     return doc
 
@@ -335,6 +354,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-depth-batches", type=int, default=6,
                    help="(a), (b) run on at least this many batches")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's layer (CUDA)")
+    p.add_argument("--no-peers", action="store_true",
+                   help="skip the CPU peers (ONNX Runtime fp32/int8, layer precision modes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -346,7 +367,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         batches=[int(b) for b in str(args.batch).split(",") if b], max_length=args.max_length,
         min_samples=args.min_samples, replay=args.replay, replay_from=args.replay_from, rounds=args.rounds,
         loads=[float(x) for x in str(args.loads).split(",") if x], stream_requests=args.stream_requests,
-        compile=args.compile, seed=args.seed, out_dir=Path(args.out), command=args.command_line,
+        compile=args.compile, peers=not args.no_peers, seed=args.seed, out_dir=Path(args.out),
+        command=args.command_line,
         full_depth_batches=args.full_depth_batches, single_samples=args.single_samples,
     )
     if getattr(args, "quick", False):
@@ -357,8 +379,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 
 def warn_if_busy() -> None:
-    """A busy CPU box makes multi-threaded OpenMP kernels wait on each other (25x slower steps at
-    batch size 1 measured here); one thread per process is then the stable choice."""
+    """Busy CPUs make OpenMP threads wait on each other (25x slower batch-1 steps seen): use 1 thread."""
     load, cpus, threads = os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads()
     if threads > 1 and load > cpus:
         log.warning("machine busy: load %.1f on %d CPUs with %d torch threads; timings will be noisy "

@@ -185,9 +185,9 @@ class ReplayPolicy:
         target = torch.where(state.pred < 0, drawn, state.streak)  # [B] fresh rows take a new depth
         done = depth >= target  # [B]
         reason = torch.where(done, EXIT_WINDOW, NO_EXIT)
-        reason = torch.where(depth >= self.num_layers, EXIT_MAX_DEPTH, reason).to(torch.int8)
+        reason = torch.where(depth >= self.num_layers, EXIT_MAX_DEPTH, reason)
         state_out = ExitState(pred=pred, top=top, streak=target, rising=torch.zeros_like(target))
-        return ExitDecision(exit=reason != NO_EXIT, reason=reason, pred=pred, top=top,
+        return ExitDecision(reason=reason, pred=pred, top=top,
                             entropy=normalised_entropy(probs), state=state_out)
 
 
@@ -231,21 +231,25 @@ class EngineLike(Protocol):
 
 
 def run_closed(engine: EngineLike, inputs: Sequence[Sequence[int]], device: torch.device) -> dict[str, Any]:
-    """Feed every input as fast as the engine accepts it and step until done (throughput)."""
+    """Feed every input as fast as the engine accepts it and step until done (throughput).
+    ``depths`` and ``labels`` are per input, in input order."""
     requests = [Request(list(ids), request_id=f"q{i}") for i, ids in enumerate(inputs)]
-    depths: list[int] = []
-    nxt = 0
+    depths, labels = [0] * len(requests), [-1] * len(requests)
+    nxt = done = 0
     sync(device)
     start = time.perf_counter()
     while nxt < len(requests) or engine.has_work():
         while nxt < len(requests) and engine.add(requests[nxt]):
             nxt += 1
-        depths.extend(p.exit_depth for p in engine.step())
+        for p in engine.step():
+            i = int(p.request_id[1:])
+            depths[i], labels[i] = p.exit_depth, p.label_index
+            done += 1
     sync(device)
     elapsed = time.perf_counter() - start
-    if len(depths) != len(requests):
-        raise RuntimeError(f"engine returned {len(depths)} predictions for {len(requests)} requests")
-    return {"elapsed_s": elapsed, "num_samples": len(depths), "depths": depths}
+    if done != len(requests) or min(depths, default=1) < 1:
+        raise RuntimeError(f"engine returned {done} predictions for {len(requests)} requests")
+    return {"elapsed_s": elapsed, "num_samples": done, "depths": depths, "labels": labels}
 
 
 class StreamSim:

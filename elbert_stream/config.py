@@ -69,6 +69,12 @@ class EngineSettings(BaseModel):
         16, ge=0, description="on CPU a step's layer call runs its rows in chunks of this many (cache-sized "
         "matmuls, ~17 % faster at 64 rows; results unchanged); 0 = all rows at once; CUDA: always at once"
     )
+    layer_precision: Literal["model", "bfloat16", "int8"] = Field(
+        "model", description="arithmetic of the shared layer: model = the model dtype; bfloat16 = bf16 "
+        "weights and hidden states (CPUs with avx512_bf16/AMX, CUDA); int8 = dynamic int8 quantisation of "
+        "its Linear modules (CPU, float32 model). Embeddings and exit head stay in the model dtype; label "
+        "agreement with float32: docs/engine.md, `elbert-stream evaluate --precision`"
+    )
 
 
 class KafkaSettings(BaseModel):

@@ -5,10 +5,12 @@ run ``model.layer`` ONCE over all busy slots, whatever depth each is at; classif
 policy; return the samples that exited as ``Prediction``s and free their slots.
 
 State lives on the model's device between steps: hidden states ``[S, T_max, H]``, token lengths
-(the attention masks are derived from them), depths, the policy's ``ExitState`` and the per-depth
-trace ``[S, L, 3]`` (pred, top prob, entropy). Per step the host reads only the exit reasons of
-the busy rows, then (on steps where some exited) those rows' probabilities and traces. Each step
-runs on the busy rows cut to the longest busy text (see docs/engine.md for why not buckets).
+(the step's mask is derived from them once per step), depths, the policy's ``ExitState`` and the
+per-depth trace ``[S, L + 1, 3]`` (pred, top prob, entropy at column = depth). Per step the host
+reads only the exit reasons of the busy rows (``DeviceLink.read``: the one wait for the device),
+then, on steps where some exited, those rows' probabilities and traces. While the device runs a
+step, the host stages the token ids of the requests next in line for admission.
+Each step runs on the busy rows cut to the longest busy text (see docs/engine.md).
 
 Modes (same code path; the benchmark compares them):
 
@@ -39,6 +41,8 @@ from elbert_stream.config import EngineSettings, ExitSettings, Settings
 from elbert_stream.engine.model import ElbertModel, load_tokenizer, resolve_device, resolve_dtype
 from elbert_stream.engine.policy import REASON_NAMES, ExitPolicy, ExitState
 from elbert_stream.engine.scheduler import Admission, SlotScheduler
+from elbert_stream.engine.step import StepCompute, StepMask
+from elbert_stream.engine.transfer import DeviceLink
 from elbert_stream.errors import BadMessage, ConfigError, EngineFailure
 from elbert_stream.types import DepthTrace, EngineStats, Prediction, Request
 
@@ -82,11 +86,14 @@ class Engine:
         self._device = model.device
         self._pad_multiple = 8 if self._device.type == "cuda" else 1
         self._row_chunk = settings.cpu_row_chunk if self._device.type == "cpu" else 0
+        self._compute = StepCompute(model, settings.layer_precision)
+        self._link = DeviceLink(self._device)
         self._alloc(settings.max_slots)
         self._stats = EngineStats(mode=mode, max_slots=settings.max_slots,
                                   exit_depth_counts=[0] * model.num_layers)
         self._failure: Exception | None = None
         self._held: list[_Exit] = []  # naive mode: exited rows waiting for their batch
+        self._staged: dict[int, np.ndarray] = {}  # id(waiting request) -> its ids (``_prestage``)
         self._compile = compile
         self._layer_head = self._eager_layer_head
         self._decide = self._policy_fn(policy)
@@ -111,11 +118,12 @@ class Engine:
         """Preallocate the device state (inference tensors) and its host mirrors."""
         m, dev = self.model, self._device
         with torch.inference_mode():
-            self._hidden = torch.zeros(num_slots, self.max_length, m.hidden_size, dtype=m.dtype, device=dev)
+            self._hidden = torch.zeros(num_slots, self.max_length, m.hidden_size,
+                                       dtype=self._compute.hidden_dtype, device=dev)
             self._len_dev = torch.zeros(num_slots, dtype=torch.long, device=dev)  # [S] tokens per slot
             self._depth_dev = torch.zeros(num_slots, dtype=torch.long, device=dev)  # [S] layers done
             self._state = ExitState.empty(num_slots, dev)  # [S] each
-            self._trace = torch.zeros(num_slots, m.num_layers, 3, device=dev)  # [S, L, 3] fp32
+            self._trace = torch.zeros(num_slots, m.num_layers + 1, 3, device=dev)  # [S, L+1, 3] col = depth
             self._positions = torch.arange(self.max_length, device=dev)  # [T_max]
             self._slot_ids = torch.arange(num_slots, device=dev)  # [S]
         self._len = np.zeros(num_slots, dtype=np.int64)  # host mirrors: never read back from the device
@@ -213,8 +221,8 @@ class Engine:
                 self._policy, self._pending = self._pending, None
                 self._decide = self._policy_fn(self._policy)
         try:
-            admitted = self._sched.schedule()
             with torch.inference_mode():
+                admitted = self._sched.schedule()
                 if admitted:
                     self._admit(admitted)
                 busy = np.flatnonzero(self._busy)  # [B] slot numbers
@@ -263,42 +271,58 @@ class Engine:
                                              f"outside the vocabulary [0, {vocab})")
 
     def _admit(self, admitted: list[Admission]) -> None:
-        """Embed newly admitted requests into their slots and reset those slots' state."""
+        """Embed newly admitted requests into their slots and reset those slots' state (device work
+        queued with one upload; no wait)."""
+        n = len(admitted)
         lens = np.array([a.request.num_tokens for a in admitted], dtype=np.int64)  # [A]
-        ids = np.full((len(admitted), int(lens.max())), self.model.config.pad_token_id or 0, np.int64)
+        width = int(lens.max())
+        packed = np.empty(2 * n + n * width, dtype=np.int64)  # slots [A], lens [A], ids [A, Tn]
+        packed[:n] = [a.slot for a in admitted]
+        packed[n:2 * n] = lens
+        ids = packed[2 * n:].reshape(n, width)
+        ids.fill(self.model.config.pad_token_id or 0)
         for i, a in enumerate(admitted):
-            ids[i, : lens[i]] = a.request.input_ids
-        slots_np = np.array([a.slot for a in admitted], dtype=np.int64)
-        dev = self._device
-        slots = torch.from_numpy(slots_np).to(dev, non_blocking=True)  # [A]
-        ids_t = torch.from_numpy(ids).to(dev, non_blocking=True)  # [A, Tn]
-        lens_t = torch.from_numpy(lens).to(dev, non_blocking=True)  # [A]
-        mask = (self._positions[: ids.shape[1]] < lens_t[:, None]).long()  # [A, Tn]
-        self._hidden[slots, : ids.shape[1]] = self.model.embed(ids_t, mask)  # [A, Tn, H]
+            row = self._staged.pop(id(a.request), None)
+            ids[i, : lens[i]] = row if row is not None and row.size == lens[i] else a.request.input_ids
+        dev_packed = self._link.upload(packed)  # [2A + A*Tn]
+        slots, lens_t = dev_packed[:n], dev_packed[n:2 * n]  # [A], [A]
+        ids_t = dev_packed[2 * n:].view(n, width)  # [A, Tn]
+        mask = self._positions[None, :width] < lens_t[:, None]  # [A, Tn] bool
+        self._hidden[slots, :width] = self.model.embed(ids_t, mask).to(self._hidden.dtype)  # [A, Tn, H]
         self._len_dev[slots] = lens_t
         self._depth_dev[slots] = 0
         self._state.reset(slots)
+        slots_np = packed[:n].copy()
         self._len[slots_np] = lens
         self._depth[slots_np] = 0
         self._busy[slots_np] = True
         self._done[slots_np] = False
-        self._stats.num_admitted += len(admitted)
+        self._stats.num_admitted += n
 
-    def _eager_layer_head(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden ``[B, T, H]``, mask ``[B, T]`` -> (next hidden ``[B, T, H]``, probs ``[B, K]`` fp32).
+    def _prestage(self) -> None:
+        """Token ids of the requests next in line as int64 arrays, ready for ``_admit`` (host work
+        placed where the device is busy; on CPU it only moves the cost)."""
+        staged = self._staged
+        for request in self._sched.peek(self._sched.max_slots):
+            if id(request) not in staged:
+                staged[id(request)] = np.asarray(request.input_ids, dtype=np.int64)
+
+    def _eager_layer_head(self, x: torch.Tensor, mask: StepMask) -> torch.Tensor:
+        """One shared-layer application to hidden ``x`` ``[B, T, H]`` IN PLACE; returns the exit
+        head's probabilities ``[B, K]`` fp32.
 
         On CPU the rows go through in chunks of ``cpu_row_chunk``: the same shared-layer application
         (rows are independent), with matmuls that stay in cache (docs/engine.md, "CPU")."""
         c = self._row_chunk
         if c and x.shape[0] > c:
-            parts = [self._layer_head_rows(x[i:i + c], mask[i:i + c]) for i in range(0, x.shape[0], c)]
-            return torch.cat([h for h, _ in parts]), torch.cat([p for _, p in parts])
+            return torch.cat([self._layer_head_rows(x[i:i + c], mask.rows(i, i + c))
+                              for i in range(0, x.shape[0], c)])
         return self._layer_head_rows(x, mask)
 
-    def _layer_head_rows(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model.layer(x, mask)  # [B, T, H]
-        logits = self.model.classify(out, mask)  # [B, K]
-        return out, torch.softmax(logits.float(), dim=-1)
+    def _layer_head_rows(self, x: torch.Tensor, mask: StepMask) -> torch.Tensor:
+        out, probs = self._compute(x, mask)  # [B, T, H], [B, K]
+        x.copy_(out)
+        return probs
 
     def _step_length(self, busy: np.ndarray) -> int:
         """The longest busy text, rounded up to the pad multiple (CUDA: 8), capped at max_length."""
@@ -309,35 +333,42 @@ class Engine:
     def _run_busy(self, busy: np.ndarray) -> list[_Exit]:
         """One layer application over the busy rows; returns the rows that exited this step."""
         t = self._step_length(busy)
-        idx, probs, reason_dev = self._advance(busy, t)
+        idx, probs, reason_dev = self._advance(busy, t)  # queued on the device
         self._depth[busy] += 1
         self._count_step(busy, t)
-        reason = reason_dev.cpu().numpy()  # [B]  the one per-step device->host read
+        self._prestage()  # host work for the next admissions while the device runs this step
+        reason = self._link.read(reason_dev)  # [B]  the one per-step device->host read
         pos = np.flatnonzero((reason != 0) & ~self._done[busy])  # exited rows, as positions within busy
         if pos.size == 0:
             return []
-        pos_t = torch.from_numpy(pos).to(self._device, non_blocking=True)  # [E]
-        data = torch.cat([probs[pos_t], self._trace[idx[pos_t]].flatten(1)], 1).cpu()  # [E, K + 3L]
+        pos_t = self._link.upload(pos)  # [E]
+        rows = idx[pos_t]  # [E] slot numbers
+        data = torch.cat([probs[pos_t], self._trace[rows, 1:].flatten(1)], 1)  # [E, K + 3L]
+        host = self._link.read(data)
         return [_Exit(int(busy[p]), int(self._depth[busy[p]]), int(reason[p]), d)
-                for p, d in zip(pos, data.tolist(), strict=True)]
+                for p, d in zip(pos, host.tolist(), strict=True)]
 
     def _advance(self, busy: np.ndarray, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Device work of a step: layer, head, policy, state and trace update. No host sync.
+        """Device work of a step: mask, layer, head, policy, state and trace update. No host sync.
 
-        Returns (slot index ``[B]``, probs ``[B, K]`` fp32, exit reason codes ``[B]`` int8).
+        Returns (slot index ``[B]``, probs ``[B, K]`` fp32, exit reason codes ``[B]``).
         """
         b = int(busy.size)
         prefix = int(busy[-1]) == b - 1  # busy slots are 0..B-1 (lowest free slot is taken first)
-        idx = self._slot_ids[:b] if prefix else torch.from_numpy(busy).to(self._device, non_blocking=True)
-        rows: slice | torch.Tensor = slice(0, b) if prefix else idx  # a view, not a gather, for a prefix
-        mask = (self._positions[:t] < self._len_dev[rows, None]).long()  # [B, T]
-        out, probs = self._layer_head(self._hidden[rows, :t], mask)  # [B, T, H], [B, K]
-        self._hidden[rows, :t] = out
-        depth = self._depth_dev[rows] + 1  # [B]
-        self._depth_dev[rows] = depth
-        dec = self._decide(probs, depth, self._state.rows(idx))
-        self._state.assign(idx, dec.state)
-        self._trace[idx, depth - 1] = torch.stack([dec.pred.float(), dec.top, dec.entropy], -1)  # [B, 3]
+        idx = self._slot_ids[:b] if prefix else self._link.upload(busy)
+        rows: slice | torch.Tensor = slice(0, b) if prefix else idx  # views, not gathers, for a prefix
+        mask = self._compute.mask(self._len_dev[rows], self._positions[:t])  # once per step, shared
+        x = self._hidden[:b, :t] if prefix else self._hidden[idx, :t]  # [B, T, H] view or gathered copy
+        probs = self._layer_head(x, mask)  # [B, K]; x updated in place
+        if prefix:
+            depth = self._depth_dev[:b].add_(1)  # [B] view
+        else:
+            self._hidden[idx, :t] = x
+            depth = self._depth_dev[idx] + 1  # [B]
+            self._depth_dev[idx] = depth
+        dec = self._decide(probs, depth, self._state.rows(rows))
+        self._state.assign(rows, dec.state)
+        self._trace[idx, depth] = torch.stack([dec.pred, dec.top, dec.entropy], -1)  # [B, 3] fp32
         return idx, probs, dec.reason
 
     def _count_step(self, busy: np.ndarray, t: int) -> None:

@@ -161,7 +161,8 @@ class ElbertModel(nn.Module):
         """The shared exit head: hidden ``[B, T, H]`` -> logits ``[B, K]``."""
         if self.extras.pooling == "mean":
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-            first = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)  # [B, H]
+            count = attention_mask.sum(1, keepdim=True).clamp_min(1).to(torch.float32)  # [B, 1] exact
+            first = ((hidden * m).sum(1).float() / count).to(hidden.dtype)  # [B, H]
         else:
             first = hidden[:, 0]  # [B, H]  the [CLS] position
         pooled = torch.tanh(self.pooler(first))  # [B, H]
@@ -291,17 +292,14 @@ class ElbertModel(nn.Module):
 
 def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[B, T]`` 1/0 mask -> additive ``[B, 1, 1, T]`` bias (0 where attended, dtype-min elsewhere)."""
-    keep = attention_mask[:, None, None, :].to(torch.bool)
-    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-    neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
-    return torch.where(keep, zero, neg)
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)  # [B, T]
+    return bias.masked_fill_(attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]  # no upload
 
 
 def normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
     """H(p) / log K for ``[..., K]`` probabilities -> ``[...]`` in [0, 1]."""
-    k = probs.shape[-1]
-    p = probs.float().clamp_min(1e-12)
-    return -(p * p.log()).sum(-1) / math.log(k)
+    p = probs if probs.dtype == torch.float32 else probs.float()
+    return torch.special.entr(p).sum(-1).mul_(1.0 / math.log(probs.shape[-1]))  # entr(0) = 0
 
 
 def shipped_model_dir() -> Path:

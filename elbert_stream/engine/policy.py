@@ -68,10 +68,11 @@ class ExitState:
             rising=torch.zeros(num_slots, dtype=torch.int32, device=device),
         )
 
-    def rows(self, idx: torch.Tensor) -> ExitState:
+    def rows(self, idx: torch.Tensor | slice) -> ExitState:
+        """Those rows: views for a slice, gathered copies for an index tensor."""
         return ExitState(self.pred[idx], self.top[idx], self.streak[idx], self.rising[idx])
 
-    def assign(self, idx: torch.Tensor, other: ExitState) -> None:
+    def assign(self, idx: torch.Tensor | slice, other: ExitState) -> None:
         self.pred[idx] = other.pred
         self.top[idx] = other.top
         self.streak[idx] = other.streak
@@ -88,12 +89,16 @@ class ExitState:
 class ExitDecision:
     """What one depth decided for each row (all ``[B]``) plus the next state."""
 
-    exit: torch.Tensor  # bool
-    reason: torch.Tensor  # int8, REASON codes (NO_EXIT where not exiting)
+    reason: torch.Tensor  # integer REASON codes (NO_EXIT where not exiting)
     pred: torch.Tensor  # long, argmax label at this depth
     top: torch.Tensor  # float32, top probability
     entropy: torch.Tensor  # float32, H(p)/log K
     state: ExitState
+
+    @property
+    def exit(self) -> torch.Tensor:
+        """``[B]`` bool: the rows that exit at this depth."""
+        return self.reason != NO_EXIT
 
 
 @dataclass(frozen=True)
@@ -172,29 +177,35 @@ class ExitPolicy:
         return {k: getattr(self.settings, k) for k in USES[self.name]}
 
     def decide(self, probs: torch.Tensor, depth: torch.Tensor, state: ExitState) -> ExitDecision:
-        """probs ``[B, K]`` at each row's ``depth`` ``[B]`` (1-based), state for those rows."""
-        probs = probs.float()
+        """probs ``[B, K]`` at each row's ``depth`` ``[B]`` (1-based), state for those rows.
+
+        Device ops only, thresholds as Python scalars: no host sync, ~17 aten ops (docs/engine.md)."""
+        if probs.dtype != torch.float32:
+            probs = probs.float()
         top, pred = probs.max(-1)  # [B], [B]
         ent = normalised_entropy(probs)  # [B]
         same = pred == state.pred  # [B]
-        streak = torch.where(same, state.streak + 1, torch.ones_like(state.streak))
-        rising = torch.where(same & (top >= state.top), state.rising + 1, torch.ones_like(state.rising))
-        allowed = depth >= self.min_depth  # [B]
-        reason = torch.zeros_like(depth, dtype=torch.int8)
-        if self.name in ("confidence_window", "entropy"):
-            reason = torch.where(allowed & (ent < self.tau), EXIT_ENTROPY, reason)
+        streak = state.streak * same + 1  # [B] int32: reset to 1 where the label changed
+        rising = state.rising * (same & (top >= state.top)) + 1  # [B] int32
+        reason = self._reason(depth, ent, streak, rising)
+        return ExitDecision(reason=reason, pred=pred, top=top, entropy=ent,
+                            state=ExitState(pred=pred, top=top, streak=streak, rising=rising))
+
+    def _reason(self, depth: torch.Tensor, ent: torch.Tensor, streak: torch.Tensor,
+                rising: torch.Tensor) -> torch.Tensor:
+        """Reason codes ``[B]`` long, lowest priority first: max depth, window/patience, entropy;
+        nothing before ``min_depth`` (<= L, so depth L always exits)."""
+        reason = torch.where(depth >= self.num_layers, EXIT_MAX_DEPTH, NO_EXIT)
         if self.name == "confidence_window":
             held = (rising if self.require_rising else streak) >= self.window
-            reason = torch.where((reason == NO_EXIT) & allowed & held, EXIT_WINDOW, reason)
+            reason = torch.where(held, EXIT_WINDOW, reason)
         elif self.name == "patience":
-            held = streak >= self.patience + 1
-            reason = torch.where((reason == NO_EXIT) & allowed & held, EXIT_PATIENCE, reason)
-        reason = torch.where((reason == NO_EXIT) & (depth >= self.num_layers), EXIT_MAX_DEPTH, reason)
-        reason = reason.to(torch.int8)
-        return ExitDecision(
-            exit=reason != NO_EXIT, reason=reason, pred=pred, top=top, entropy=ent,
-            state=ExitState(pred=pred, top=top, streak=streak.to(torch.int32), rising=rising.to(torch.int32)),
-        )
+            reason = torch.where(streak >= self.patience + 1, EXIT_PATIENCE, reason)
+        if self.name in ("confidence_window", "entropy") and self.tau > 0.0:
+            reason = torch.where(ent < self.tau, EXIT_ENTROPY, reason)
+        if self.min_depth > 1:
+            reason = torch.where(depth >= self.min_depth, reason, NO_EXIT)
+        return reason
 
 
 def exit_depths_offline(
@@ -207,7 +218,7 @@ def exit_depths_offline(
     num_layers, n, _ = probs_by_depth.shape
     state = ExitState.empty(n, probs_by_depth.device)
     depth_out = torch.zeros(n, dtype=torch.long, device=probs_by_depth.device)
-    reason_out = torch.zeros(n, dtype=torch.int8, device=probs_by_depth.device)
+    reason_out = torch.zeros(n, dtype=torch.long, device=probs_by_depth.device)
     done = torch.zeros(n, dtype=torch.bool, device=probs_by_depth.device)
     for d in range(1, num_layers + 1):
         dec = policy.decide(probs_by_depth[d - 1], torch.full((n,), d, device=probs_by_depth.device), state)

@@ -19,6 +19,7 @@ Contract
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -76,6 +77,10 @@ class SlotScheduler:
 
     def request_in(self, slot: int) -> Request | None:
         return self._slots[slot]
+
+    def peek(self, n: int) -> list[Request]:
+        """The first ``n`` waiting requests (the next to be admitted, in order); nothing changes."""
+        return list(itertools.islice(self._waiting, n))
 
     def busy_slots(self) -> list[int]:
         """Busy slot numbers, ascending."""

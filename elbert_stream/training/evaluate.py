@@ -28,11 +28,13 @@ import torch
 
 from elbert_stream.engine.model import ElbertModel, load_tokenizer, shipped_model_dir
 from elbert_stream.engine.policy import POLICIES, ExitPolicy
+from elbert_stream.engine.step import PRECISIONS
 from elbert_stream.training.compare import compare_rules, comparison_markdown
 from elbert_stream.training.data import DataError, Dataset
 from elbert_stream.training.files import Columns
 from elbert_stream.training.scoring import (
     PolicyScore,
+    agreement,
     all_depth_probs,
     choose_exit_defaults,
     depth_accuracy,
@@ -129,15 +131,24 @@ def run_evaluation(
     test_set: Dataset,
     max_length: int,
     max_loss_points: float,
+    precision: str | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """All numbers for accuracy.json; also returns the test probabilities ``[L, N, K]``."""
+    """All numbers for accuracy.json; also returns the test probabilities ``[L, N, K]``.
+
+    ``precision`` (a layer precision mode): every score is of the engine's step compute in that mode,
+    and ``report["precision"]`` compares it with the float32 reference on the test set."""
     v_ids, v_mask = encode(tokenizer, val_set.texts, max_length)
     t_ids, t_mask = encode(tokenizer, test_set.texts, max_length)
-    val = (all_depth_probs(model, v_ids, v_mask), _labels_for(model, val_set))
-    test = (all_depth_probs(model, t_ids, t_mask), _labels_for(model, test_set))
+    val = (all_depth_probs(model, v_ids, v_mask, precision=precision), _labels_for(model, val_set))
+    test = (all_depth_probs(model, t_ids, t_mask, precision=precision), _labels_for(model, test_set))
     policies = evaluate_policies(model, val, test, max_loss_points)
     d = model.extras.exit
     saved = ExitPolicy.for_model(d, model.num_layers)
+    compared = None
+    if precision is not None:
+        reference = all_depth_probs(model, t_ids, t_mask)
+        compared = {"mode": precision, "model_defaults": agreement(saved, test[0], reference),
+                    "reference_full_depth_accuracy": depth_accuracy(reference, test[1])[-1]}
     report = {
         "model": model.extras.name,
         "model_version": model.extras.version,
@@ -155,6 +166,8 @@ def run_evaluation(
         "policies": policies,
         "comparison": compare_rules(val, test),
     }
+    if compared is not None:
+        report["precision"] = compared
     return report, test[0]
 
 
@@ -196,7 +209,24 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "",
     ]
     lines += comparison_markdown(report["comparison"])
+    lines += _precision_markdown(report)
     path.write_text("\n".join(lines) + "\n")
+
+
+def _precision_markdown(report: dict[str, Any]) -> list[str]:
+    if "precision" not in report:
+        return []
+    p = report["precision"]
+    a = p["model_defaults"]
+    pct = lambda x: f"{x * 100:.2f}%"  # noqa: E731
+    return [
+        "", f"## Layer precision {p['mode']} vs float32 (test set, model's saved exit policy)", "",
+        f"Label agreement {pct(a['label_agreement'])} (full depth {pct(a['full_depth_label_agreement'])}); "
+        f"same exit depth {pct(a['exit_depth_agreement'])} (within one {pct(a['exit_depth_within_one'])}); "
+        f"mean exit depth {a['mean_exit_depth']:.3f} vs {a['reference_mean_exit_depth']:.3f}; "
+        f"max |prob diff| {a['max_abs_prob_diff']:.2e}; "
+        f"float32 full-depth accuracy {pct(p['reference_full_depth_accuracy'])}.",
+    ]
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -233,7 +263,8 @@ def _evaluate_one(model_dir: Path, args: argparse.Namespace, out: Path, command:
     log.info("%s: thresholds on %s (%d rows); scored on %s (%d rows)", model_dir, sets.described["val"],
              len(sets.val), sets.described["test"], len(sets.test))
     t0 = time.perf_counter()
-    report, test_probs = run_evaluation(model, tokenizer, sets.val, sets.test, args.max_length, args.max_loss)
+    report, test_probs = run_evaluation(model, tokenizer, sets.val, sets.test, args.max_length, args.max_loss,
+                                        precision=args.precision)
     report["command"] = command
     report["data"] = {**sets.described, "training_rows_scored": sets.training_rows}
     report["eval_seconds"] = time.perf_counter() - t0
@@ -286,6 +317,9 @@ def add_cli(subparsers: Any) -> None:
     )
     p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
     p.add_argument("--no-plots", action="store_true", help="write no PNGs")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="score the engine's step in this layer precision (engine.layer_precision) and "
+                        "compare labels and exit depths with float32 (default: transformers' layer, fp32)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_evaluate)

@@ -2,7 +2,8 @@
 
 * ``encode(tokenizer, texts, max_length)`` -> ``input_ids``/``attention_mask`` ``[N, T]``
 * ``tokenize`` / ``pad_batch``: unpadded token ids, padded per batch (training's batches)
-* ``all_depth_probs(model, ids, mask)`` -> softmax probabilities at every depth ``[L, N, K]``
+* ``all_depth_probs(model, ids, mask[, precision])`` -> softmax probabilities at every depth ``[L, N, K]``
+* ``agreement(policy, probs, reference)`` -> labels and exit depths of a precision mode vs float32
 * ``policy_grid(name, L)`` -> the thresholds evaluated for each exit policy
 * ``score_policy(policy, probs, labels)`` -> accuracy, mean exit depth, speedup, histogram
 * ``choose_exit_defaults(probs, labels, max_loss_points)`` -> the fastest confidence-window setting
@@ -22,6 +23,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from elbert_stream.config import ExitSettings
 from elbert_stream.engine.model import ElbertModel
 from elbert_stream.engine.policy import REASON_NAMES, ExitPolicy, exit_depths_offline
+from elbert_stream.engine.step import StepCompute
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +63,49 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def all_depth_probs(
-    model: ElbertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 64
+    model: ElbertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 64,
+    precision: str | None = None,
 ) -> torch.Tensor:
     """Probabilities at every depth, ``[L, N, K]`` float32 on CPU, in input order (model put in eval
-    mode). Texts run in batches of similar length, each cut to its longest text."""
+    mode). Texts run in batches of similar length, each cut to its longest text.
+
+    ``precision`` None: ``model.forward`` (transformers' layer, the reference); a layer precision
+    (``model``, ``bfloat16``, ``int8``): the engine's own step compute in that mode."""
     model.eval()
+    compute = StepCompute(model, precision) if precision is not None else None
     order = attention_mask.sum(1).argsort(stable=True)  # [N] shortest first
     out = torch.empty(model.num_layers, input_ids.shape[0], model.num_labels)  # [L, N, K]
     for start in range(0, input_ids.shape[0], batch_size):
         rows = order[start : start + batch_size]
-        mask = attention_mask[rows]  # [b, T]
-        keep = int(mask.sum(1).max())  # drop all-padding columns
-        logits = model(input_ids[rows, :keep].to(model.device), mask[:, :keep].to(model.device))  # [L, b, K]
-        out[:, rows] = logits.float().softmax(-1).cpu()
+        keep = int(attention_mask[rows].sum(1).max())  # drop all-padding columns
+        ids = input_ids[rows, :keep].to(model.device)  # [b, T]
+        mask = attention_mask[rows, :keep].to(model.device)  # [b, T]
+        if compute is None:
+            probs = model(ids, mask).float().softmax(-1)  # [L, b, K]
+        else:
+            probs = compute.all_depths(model.embed(ids, mask), mask.sum(1), model.num_layers)
+        out[:, rows] = probs.float().cpu()
     return out
+
+
+def agreement(policy: ExitPolicy, probs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """How far ``probs`` (e.g. a precision mode) departs from ``reference`` (float32), both
+    ``[L, N, K]``: label agreement at full depth and under ``policy``, exit-depth agreement."""
+    n = probs.shape[1]
+    full = probs[-1].argmax(-1) == reference[-1].argmax(-1)  # [N]
+    depth, _ = exit_depths_offline(policy, probs)
+    ref_depth, _ = exit_depths_offline(policy, reference)
+    label = probs[depth - 1, torch.arange(n)].argmax(-1)
+    ref_label = reference[ref_depth - 1, torch.arange(n)].argmax(-1)
+    return {
+        "full_depth_label_agreement": float(full.float().mean()),
+        "label_agreement": float((label == ref_label).float().mean()),
+        "exit_depth_agreement": float((depth == ref_depth).float().mean()),
+        "exit_depth_within_one": float(((depth - ref_depth).abs() <= 1).float().mean()),
+        "mean_exit_depth": float(depth.float().mean()),
+        "reference_mean_exit_depth": float(ref_depth.float().mean()),
+        "max_abs_prob_diff": float((probs - reference).abs().max()),
+    }
 
 
 def depth_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> list[float]:

@@ -100,7 +100,15 @@ def test_engine_bench_tiny_end_to_end(tmp_path: Path, one_thread: None) -> None:
     saved = json.loads((tmp_path / "engine.json").read_text())
     assert saved["command"] == "test" and "Engine benchmark" in (tmp_path / "engine.md").read_text()
     v = saved["variants"]
-    assert set(v) == set("abcdef")
+    assert set(v) == set("abcdef") | {"f_bf16", "f_int8", "ort_fp32", "ort_int8"}
+    assert v["ort_fp32"]["num_samples"] == v["ort_int8"]["num_samples"] == v["b"]["num_samples"] == 24
+    agree = saved["runs"][0]["agreement"]
+    assert agree["ort_fp32"]["label_agreement"] >= 0.9  # the same fp32 function as (b), exported
+    for mode in ("f_bf16", "f_int8"):  # replayed exits: depths follow the replay, not the precision
+        assert agree[mode]["num_inputs"] == 48 and agree[mode]["exit_depth_agreement"] == 1.0
+    names = {t["name"] for t in doc["targets"]}
+    assert any("ONNX Runtime int8" in n for n in names) and any("labels >= 98 %" in n for n in names)
+    assert "| (ort_int8) | (b) |" in (tmp_path / "engine.md").read_text()
     assert v["a"]["mean_exit_depth"] == v["b"]["mean_exit_depth"] == 6
     assert (v["f"]["num_samples"], v["a"]["num_samples"], v["e"]["num_samples"]) == (48, 24, 16)
     mean = sum((d + 1) * c for d, c in enumerate(HIST)) / sum(HIST)

@@ -13,10 +13,12 @@ from collections import Counter
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 from transformers import AlbertConfig, AutoTokenizer
 
 from elbert_stream.config import EngineSettings, Settings
@@ -270,3 +272,75 @@ def test_device_failure_becomes_engine_failure_and_sticks(monkeypatch: pytest.Mo
     monkeypatch.undo()
     with pytest.raises(EngineFailure, match="failed earlier"):
         eng.step()
+
+
+class HostReads(TorchFunctionMode):
+    """Records every tensor call that brings device data to the host (each one a sync on CUDA)
+    made outside the engine's one explicit read (``DeviceLink.read``)."""
+
+    READS = frozenset({"item", "tolist", "numpy", "cpu", "__array__", "__bool__", "__int__", "__float__",
+                       "__index__"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.inside_read = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        to_host = name == "to" and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values()))
+        if not self.inside_read and (name in self.READS or to_host):
+            self.calls.append(name)
+        return func(*args, **kwargs)
+
+
+def test_a_step_reads_the_device_once_plus_once_when_rows_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    eng = engine("none", max_slots=4, max_batch_tokens=400)
+    mode, real_read = HostReads(), eng._link.read
+
+    def read(t: torch.Tensor) -> np.ndarray:
+        mode.inside_read = True
+        try:
+            return real_read(t)
+        finally:
+            mode.inside_read = False
+
+    monkeypatch.setattr(eng._link, "read", read)
+    rng = random.Random(3)
+    for i in range(6):  # 4 run at once, 2 wait and join when the first exit
+        assert eng.add(Request(text(rng, 5 + i), request_id=str(i)))
+    reads, exits = [], []
+    with mode:
+        while eng.has_work():
+            before = eng._link.num_reads
+            exits.append(len(eng.step()))
+            reads.append(eng._link.num_reads - before)
+    assert mode.calls == []  # no implicit read anywhere in a step (admissions and exits included)
+    assert exits == [0] * (L - 1) + [4] + [0] * (L - 1) + [2]
+    assert reads == [1 + (n > 0) for n in exits]
+
+
+def test_a_steady_step_runs_at_most_half_the_ops_it_did_before() -> None:
+    from bench.step_ops import reference_engine, steady_step_ops
+
+    ops = steady_step_ops(reference_engine())  # the issue's setup: 87 ops before
+    assert ops["num_ops"] <= 43, ops["by_name"]
+
+
+def test_the_next_admissions_are_staged_while_the_device_runs() -> None:
+    eng = engine("none", max_slots=2, max_batch_tokens=400)
+    rng = random.Random(5)
+    reqs = [Request(text(rng, 4 + i), request_id=str(i)) for i in range(5)]
+    for r in reqs:
+        assert eng.add(r)
+    eng.step()  # admits 0 and 1; while their layer runs, stages the next two in line
+    assert set(eng._staged) == {id(reqs[2]), id(reqs[3])}
+    assert eng._staged[id(reqs[2])].tolist() == reqs[2].input_ids
+    out = eng.step()
+    while eng.has_work():
+        out += eng.step()
+    assert eng._staged == {}  # every staged row was used by its admission
+    for p in out:
+        check_prediction(p, reqs[int(p.request_id)].input_ids, POLICIES["none"])
+    assert sorted(int(p.request_id) for p in out) == list(range(5))

@@ -248,3 +248,20 @@ def test_evaluate_refuses_labels_the_model_does_not_have(tiny_dir, tmp_path, cap
     assert _evaluate("--model", str(tiny_dir), "--data", str(other), "--out", str(tmp_path / "r")) == 1
     err = capsys.readouterr().err
     assert "DataError: data labels ['omega'] are not among the model's labels" in err
+
+
+@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+def test_evaluate_scores_a_layer_precision_against_float32(tiny_dir, tmp_path, precision: str) -> None:
+    test = write_labelled_jsonl(tmp_path / "test.jsonl", n=24, seed=1)
+    val = write_labelled_jsonl(tmp_path / "val.jsonl", n=18, seed=2)
+    out = tmp_path / "results"
+    rc = main(["evaluate", "--model", str(tiny_dir), "--data", str(test), "--val-data", str(val), "--out",
+               str(out), "--no-plots", "--precision", precision])
+    assert rc == 0
+    report = json.loads((out / "accuracy.json").read_text())
+    got = report["precision"]["model_defaults"]
+    assert report["precision"]["mode"] == precision
+    assert 0.0 < got["max_abs_prob_diff"] < 0.05  # the mode ran (not fp32) and stayed close
+    assert 0.0 <= got["exit_depth_agreement"] <= got["exit_depth_within_one"] <= 1.0
+    assert got["label_agreement"] >= 0.9 and 1.0 <= got["mean_exit_depth"] <= 4.0
+    assert f"Layer precision {precision} vs float32" in (out / "accuracy.md").read_text()

@@ -54,3 +54,26 @@ def test_cuda_bf16_engine_matches_cpu_fp32(bbc_ids: list[list[int]], policy: str
     mean_cpu = sum(c[1] for c in cpu) / len(cpu)
     mean_gpu = sum(g[1] for g in gpu) / len(gpu)
     assert abs(mean_cpu - mean_gpu) <= 0.5, f"mean exit depth {mean_gpu:.2f} on CUDA vs {mean_cpu:.2f} on CPU"
+
+
+def test_engine_steps_make_no_hidden_sync(bbc_ids: list[list[int]]) -> None:
+    """Every step after a warm-up runs under ``set_sync_debug_mode("error")``: any implicit sync
+    (``.item()``, ``.cpu()``, a pageable copy, ``torch.tensor(..., device=...)``, a boolean-mask
+    index) raises. The step's explicit read (a pinned copy and an event wait) is the only wait."""
+    model = ElbertModel.from_pretrained(None, device="cuda", dtype=torch.bfloat16)
+    policy = ExitPolicy.for_model(ExitSettings(), model.num_layers, model.extras.exit)
+    engine = Engine(model, policy, EngineSettings(max_slots=16, max_batch_tokens=16 * 128), max_length=128)
+    reqs = [Request(x, request_id=str(i)) for i, x in enumerate(bbc_ids)]
+    engine.run_all(reqs[:16])  # warm-up: allocator, kernels, pinned buffers
+    for r in reqs[16:]:
+        assert engine.add(r)
+    reads, steps, done = engine._link.num_reads, 0, 0
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        while engine.has_work():
+            done += len(engine.step())
+            steps += 1
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert done == len(reqs) - 16
+    assert steps <= engine._link.num_reads - reads <= 2 * steps  # one read per step, two with exits
