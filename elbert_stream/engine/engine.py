@@ -1,24 +1,20 @@
 """The continuous-batching engine: one shared-layer application over every busy slot per step.
 
 ``Engine.step()``: admit waiting requests into free slots (``SlotScheduler``) and embed them;
-run ``model.layer`` ONCE over all busy slots, whatever depth each is at; classify; apply the exit
+run the shared layer ONCE over all busy slots, whatever depth each is at, and the exit head
+(``StepCompute``, engine/step.py: the fused layer in ``engine.layer_precision``); apply the exit
 policy; return the samples that exited as ``Prediction``s and free their slots.
 
-State lives on the model's device between steps: hidden states ``[S, T_max, H]``, token lengths
-(the step's mask is derived from them once per step), depths, the policy's ``ExitState`` and the
-per-depth trace ``[S, L + 1, 3]`` (pred, top prob, entropy at column = depth). Per step the host
-reads only the exit reasons of the busy rows (``DeviceLink.read``: the one wait for the device),
-then, on steps where some exited, those rows' probabilities and traces. While the device runs a
-step, the host stages the token ids of the requests next in line for admission.
-Each step runs on the busy rows cut to the longest busy text (see docs/engine.md).
+State lives on the device between steps: hidden states ``[S, T_max, H]``, token lengths (the
+step's mask is built from them once per step), depths, the ``ExitState`` and the trace
+``[S, L + 1, 3]`` (pred, top prob, entropy at column = depth). Per step the host reads the busy
+rows' exit reasons (``DeviceLink.read``, the one wait), then, on steps with exits, those rows'
+probabilities and traces; while the device runs, it stages the next admissions' token ids. Each
+step runs on the busy rows cut to the longest busy text (docs/engine.md).
 
-Modes (same code path; the benchmark compares them):
-
-* ``continuous`` refill any free slot every step (the product).
-* ``compaction`` static batches that shrink: admit only into an empty table, free rows as they exit
-  (FastBERT-style batch compaction).
-* ``naive``      static early-exit batches: admit only into an empty table and keep every row,
-  exited or not, running until the last row of the batch exits; results are released together.
+Modes (same code path): ``continuous`` refills any free slot every step (the product);
+``compaction`` admits only into an empty table and frees rows as they exit (FastBERT-style);
+``naive`` admits only into an empty table and runs every row until the last one exits.
 
 Threading: ``add``, ``step``, ``stats`` belong to one thread (the worker's). ``set_policy`` may be
 called from any thread; it takes effect at the start of the next step.
@@ -42,7 +38,7 @@ from elbert_stream.engine.model import ElbertModel, load_tokenizer, resolve_devi
 from elbert_stream.engine.policy import REASON_NAMES, ExitPolicy, ExitState
 from elbert_stream.engine.scheduler import Admission, SlotScheduler
 from elbert_stream.engine.step import StepCompute, StepMask
-from elbert_stream.engine.transfer import DeviceLink
+from elbert_stream.engine.transfer import DeviceLink, pack_admissions
 from elbert_stream.errors import BadMessage, ConfigError, EngineFailure
 from elbert_stream.types import DepthTrace, EngineStats, Prediction, Request
 
@@ -274,16 +270,12 @@ class Engine:
         """Embed newly admitted requests into their slots and reset those slots' state (device work
         queued with one upload; no wait)."""
         n = len(admitted)
-        lens = np.array([a.request.num_tokens for a in admitted], dtype=np.int64)  # [A]
+        rows = [self._staged.pop(id(a.request), None) for a in admitted]
+        packed, lens = pack_admissions([a.slot for a in admitted],
+                                       [r if r is not None else a.request.input_ids
+                                        for r, a in zip(rows, admitted, strict=True)],
+                                       int(self.model.config.pad_token_id or 0))
         width = int(lens.max())
-        packed = np.empty(2 * n + n * width, dtype=np.int64)  # slots [A], lens [A], ids [A, Tn]
-        packed[:n] = [a.slot for a in admitted]
-        packed[n:2 * n] = lens
-        ids = packed[2 * n:].reshape(n, width)
-        ids.fill(self.model.config.pad_token_id or 0)
-        for i, a in enumerate(admitted):
-            row = self._staged.pop(id(a.request), None)
-            ids[i, : lens[i]] = row if row is not None and row.size == lens[i] else a.request.input_ids
         dev_packed = self._link.upload(packed)  # [2A + A*Tn]
         slots, lens_t = dev_packed[:n], dev_packed[n:2 * n]  # [A], [A]
         ids_t = dev_packed[2 * n:].view(n, width)  # [A, Tn]

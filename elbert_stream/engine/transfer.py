@@ -17,10 +17,27 @@ On CPU both are zero-copy (``torch.from_numpy`` / ``.numpy()``). ``read`` return
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 RING = 8
+
+
+def pack_admissions(slots: list[int], ids: list[Any], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """One int64 array for one upload: slots ``[A]``, lengths ``[A]``, right-padded ids ``[A, Tn]``
+    (Tn = the longest); also returns the lengths. ``ids`` rows are lists or int64 arrays."""
+    n = len(slots)
+    lens = np.array([len(r) for r in ids], dtype=np.int64)  # [A]
+    width = int(lens.max())
+    packed = np.full(2 * n + n * width, pad_id, dtype=np.int64)
+    packed[:n] = slots
+    packed[n:2 * n] = lens
+    grid = packed[2 * n:].reshape(n, width)
+    for i, row in enumerate(ids):
+        grid[i, : lens[i]] = row
+    return packed, lens
 
 
 class DeviceLink:
