@@ -25,6 +25,7 @@ import time
 from collections import Counter, deque
 from typing import Any
 
+from elbert_stream.adaptive import ExitGears, LoadSignals
 from elbert_stream.config import ExitSettings, Settings
 from elbert_stream.errors import BadMessage, ElbertError, EngineFailure
 from elbert_stream.stream.loop_stats import LoopStats
@@ -42,7 +43,7 @@ LAG_EVERY_S = 1.0
 
 class Worker:
     """One engine fed from Kafka (see module doc). Public API: ``start``, ``run``, ``stop``, ``alive``,
-    ``error``, ``set_exit_policy``, ``classify``, ``stats``, ``telemetry_snapshot``."""
+    ``error``, ``set_exit_policy``, ``gears`` (exit gear), ``classify``, ``stats``, ``telemetry_snapshot``."""
 
     def __init__(self, settings: Settings, engine: EngineLike, tokenizer: Any = None, *, replica_id: str,
                  telemetry: Any = None, identity: str | None = None) -> None:
@@ -77,6 +78,8 @@ class Worker:
         self._loop = LoopStats(engine.num_layers)
         self.model_name = engine.model_name
         self.model_version = engine.model_version
+        self.gears = ExitGears(engine.set_exit_settings, self.settings.exit, self.settings.adaptive,
+                               self.settings.model.path)  # the exit gear (adaptive.py)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Worker:
@@ -137,8 +140,8 @@ class Worker:
     # ---- control from other threads -----------------------------------------------------------
     def set_exit_policy(self, exit_settings: ExitSettings) -> None:
         """Swap the exit rule (thread-safe; takes effect at the engine's next step). Raises
-        ConfigError for settings the model cannot take."""
-        self.engine.set_exit_settings(exit_settings)
+        ConfigError for settings the model cannot take, or while adaptive exit sets them (gears)."""
+        self.gears.set_exit(exit_settings)
         self.settings.exit = exit_settings
 
     def classify(self, texts: list[str], timeout_s: float = 30.0) -> list[Prediction]:
@@ -197,10 +200,15 @@ class Worker:
             self._loop.arrived(len(msgs))
             self._ingest(msgs)
             self._feed()
+        self.gears.update(self._load_signals)  # may shift the exit gear for the next step
         if self.engine.has_work():
             self._route(self.engine.step())
         self._commit()
         self._refresh_stats()
+
+    def _load_signals(self) -> LoadSignals:
+        head = self._backlog[0].arrival_s if self._backlog else None
+        return self._loop.load_signals(len(self._backlog), head)
 
     def _ingest(self, msgs: list[InputMessage]) -> None:
         """Decode and tokenize polled messages into backlog Requests; bad ones become dead letters."""
@@ -268,7 +276,8 @@ class Worker:
     def _route(self, preds: list[Prediction]) -> None:
         """Finished samples: Kafka ones to the output topic, synchronous ones to their caller."""
         assert self.sink is not None
-        self._loop.finished(preds)
+        gear = self.gears.gear  # the gear of the step that made preds (shifted on this thread, before it)
+        self._loop.finished(preds, default_gear=gear == 0)
         for p in preds:
             meta = p.meta
             if isinstance(meta, SyncRef):
@@ -281,7 +290,7 @@ class Worker:
                 headers = self.telemetry.record_prediction(p, meta.headers,
                                                            source_timestamp_ms=meta.timestamp_ms)
             rec = output_record(meta, p, model_name=self.model_name, model_version=self.model_version,
-                                replica_id=self.replica_id)
+                                replica_id=self.replica_id, gear=gear)
             self.sink.send_output(meta, rec, headers)
 
     def _take_jobs(self) -> None:
@@ -381,20 +390,11 @@ class Worker:
             num_commits=source.num_commits if source is not None else 0,
             num_revocations=source.num_revocations if source is not None else 0,
             num_dropped_revoked=self._num_dropped_revoked,
-            exit_policy=self.settings.exit.model_dump(),
+            exit_policy=self.settings.exit.model_dump(), adaptive=self.gears.describe(),
         )
         return out
 
     def telemetry_snapshot(self) -> Any:
         """The ``telemetry.StatsSnapshot`` read when metrics are collected."""
-        from elbert_stream.load import pending_layer_work
-        from elbert_stream.telemetry.summary import StatsSnapshot
-
-        s = self._loop.snapshot()
-        lag = {(tp.topic, tp.partition): v for tp, v in self._loop.lag().items() if v is not None}
-        pending = pending_layer_work(s["busy_depth_counts"], s["recent_exit_depth_counts"], s["num_waiting"],
-                                     sum(lag.values()) if lag else None)
-        return StatsSnapshot(busy_slots=s["num_busy"], queue_depth=s["num_waiting"] + len(self._backlog),
-                             pending_layer_work=pending, layer_steps=s["engine"].get("num_layer_rows", 0),
-                             consumer_lag=lag, parked_records=self.sink.num_parked if self.sink else 0,
-                             held_partitions=len(self.source.held) if self.source else 0)
+        return self._loop.telemetry_snapshot(len(self._backlog), self.sink.num_parked if self.sink else 0,
+                                             len(self.source.held) if self.source else 0, self.gears.gear)
