@@ -140,11 +140,13 @@ class LoadSignals:
     output_rate_msgs_per_s: float  # recent messages/s answered (turns a backlog into a wait)
 
     def expected_wait_s(self) -> float:
-        """How long a message arriving now waits for a slot: the backlog over the output rate."""
+        """How long a message arriving now waits for a slot: the backlog over the output rate; 0 when
+        nothing was answered lately (after an idle spell the rate says nothing about the capacity:
+        the oldest wait speaks then)."""
         backlog = self.queue_depth + (self.consumer_lag or 0)
-        if backlog <= 0:
+        if backlog <= 0 or self.output_rate_msgs_per_s <= 0:
             return 0.0
-        return backlog / self.output_rate_msgs_per_s if self.output_rate_msgs_per_s > 0 else math.inf
+        return backlog / self.output_rate_msgs_per_s
 
     def pressure(self, latency_target_s: float) -> float:
         """The worse of the expected wait and the oldest wait, as a share of the target."""

@@ -49,8 +49,8 @@ def test_pressure_is_the_expected_or_oldest_wait_over_the_target() -> None:
     assert BURST.expected_wait_s() == pytest.approx(39.0)
     assert BAND.pressure(1.0) == pytest.approx(0.3)
     assert CALM.pressure(1.0) == 0.0
-    stalled = LoadSignals(queue_depth=5, consumer_lag=None, oldest_wait_s=None, output_rate_msgs_per_s=0.0)
-    assert stalled.pressure(1.0) == float("inf")  # a backlog and nothing answered: maximum pressure
+    woken = LoadSignals(queue_depth=50, consumer_lag=None, oldest_wait_s=0.2, output_rate_msgs_per_s=0.0)
+    assert woken.pressure(1.0) == pytest.approx(0.2)  # nothing answered lately: the rate says nothing
     old = LoadSignals(queue_depth=1, consumer_lag=None, oldest_wait_s=2.5, output_rate_msgs_per_s=1000.0)
     assert old.pressure(1.0) == pytest.approx(2.5)
 
