@@ -138,18 +138,31 @@ class LoadSignals:
     consumer_lag: int | None  # not yet fetched from the replica's partitions; None = unknown
     oldest_wait_s: float | None  # age of the oldest message waiting for a slot; None = unknown / none
     output_rate_msgs_per_s: float  # recent messages/s answered (turns a backlog into a wait)
+    in_flight: int = 0  # in engine slots now
+
+    def _over_rate(self, messages: float) -> float:
+        """``messages`` / output rate; 0 when nothing was answered lately (after an idle spell the rate
+        says nothing about the capacity: the oldest wait speaks then)."""
+        rate = self.output_rate_msgs_per_s
+        return messages / rate if messages > 0 and rate > 0 else 0.0
 
     def expected_wait_s(self) -> float:
-        """How long a message arriving now waits for a slot: the backlog over the output rate; 0 when
-        nothing was answered lately (after an idle spell the rate says nothing about the capacity:
-        the oldest wait speaks then)."""
-        backlog = self.queue_depth + (self.consumer_lag or 0)
-        if backlog <= 0 or self.output_rate_msgs_per_s <= 0:
-            return 0.0
-        return backlog / self.output_rate_msgs_per_s
+        """How long a message arriving now waits for a slot: the queue and lag over the output rate."""
+        return self._over_rate(self.queue_depth + (self.consumer_lag or 0))
+
+    def expected_latency_s(self) -> float:
+        """How long a message arriving now takes to be answered (Little's law): everything ahead of it,
+        in slots included, over the output rate. On a CPU a full slot table is where a burst waits
+        first (a step's cost grows with its rows), before any queue forms."""
+        return self._over_rate(self.queue_depth + (self.consumer_lag or 0) + self.in_flight)
 
     def pressure(self, latency_target_s: float) -> float:
-        """The worse of the expected wait and the oldest wait, as a share of the target."""
+        """Up-shift measure: the worse of the expected latency and the oldest wait, over the target."""
+        return max(self.expected_latency_s(), self.oldest_wait_s or 0.0) / latency_target_s
+
+    def queue_pressure(self, latency_target_s: float) -> float:
+        """Down-shift measure: the worse of the expected wait for a slot and the oldest wait, over the
+        target (0 = nothing waits for a slot: the replica keeps up)."""
         return max(self.expected_wait_s(), self.oldest_wait_s or 0.0) / latency_target_s
 
 
@@ -164,13 +177,16 @@ class GearController:
     _calm_since_s: float | None = None
 
     def update(self, signals: LoadSignals, now_s: float) -> int:
+        """Up when ``pressure >= up_at``; down after ``settle_s`` of calm: ``queue_pressure <= down_at``
+        (nothing waits for a slot) with ``pressure`` below ``up_at`` (the latency is inside target)."""
         s = self.settings
-        pressure = signals.pressure(s.latency_target_ms / 1e3)
+        target_s = s.latency_target_ms / 1e3
+        pressure = signals.pressure(target_s)
         if pressure >= s.up_at:
             self._calm_since_s = None
             if self.gear < self.num_gears - 1 and now_s - self._last_shift_s >= s.min_dwell_s:
                 self._shift(+1, now_s)
-        elif pressure <= s.down_at:
+        elif signals.queue_pressure(target_s) <= s.down_at:
             if self._calm_since_s is None:
                 self._calm_since_s = now_s
             calm_from = max(self._calm_since_s, self._last_shift_s)

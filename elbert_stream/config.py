@@ -211,9 +211,9 @@ class AdaptiveSettings(BaseModel):
 
     enabled: bool = Field(False, description="run the gear controller; off = the exit settings stay fixed")
     latency_target_ms: float = Field(
-        2000.0, gt=0, description="the wait a message may see before a slot (ms): the controller shifts to a "
-        "faster gear when the expected wait (backlog + lag over the output rate) or the oldest waiting "
-        "message's age reaches up_at x this"
+        2000.0, gt=0, description="latency a message may see in the replica (ms): one gear up when the "
+        "expected latency ((queue + lag + in slots) / output rate) or the oldest waiting message's age "
+        "reaches up_at x this; set it well above the replica's latency at normal load"
     )
     max_accuracy_loss_points: float | None = Field(
         1.5, ge=0, description="budget: gears more than this many accuracy points below the default gear "
@@ -223,9 +223,10 @@ class AdaptiveSettings(BaseModel):
         None, ge=0, le=1, description="budget: gears whose labels agree with full depth less often than this "
         "share (validation) are never used; None = no limit"
     )
-    up_at: float = Field(0.5, gt=0, description="one gear up when pressure (wait / target) reaches this")
+    up_at: float = Field(0.5, gt=0, description="one gear up when pressure (latency / target) reaches this")
     down_at: float = Field(
-        0.1, ge=0, description="shift down one gear after pressure stayed at or below this for settle_s"
+        0.1, ge=0, description="one gear down after the wait for a slot ((queue + lag) / output rate) stayed "
+        "at or below this x latency_target for settle_s, with the pressure below up_at"
     )
     settle_s: float = Field(5.0, ge=0, description="calm needed before each shift down (s): the hysteresis")
     min_dwell_s: float = Field(1.0, ge=0, description="at least this long between two shifts up (s)")

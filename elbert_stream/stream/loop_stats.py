@@ -88,9 +88,9 @@ class LoopStats:
         with self._lock:
             lags = [v for v in self._lag.values() if v is not None]
             queued = backlog + int(self._engine.get("num_waiting", 0))
-            rate = self._rates["finished_rate_msgs_per_s"]
+            rate, busy = self._rates["finished_rate_msgs_per_s"], int(self._engine.get("num_busy", 0))
         oldest = None if backlog_head_s is None else time.monotonic() - backlog_head_s
-        return LoadSignals(queued, sum(lags) if lags else None, oldest, rate)
+        return LoadSignals(queued, sum(lags) if lags else None, oldest, rate, busy)
 
     def telemetry_snapshot(self, backlog: int, parked: int, held: int, gear: int) -> StatsSnapshot:
         """The ``telemetry.StatsSnapshot``: pending layer work at the default gear's exit depths

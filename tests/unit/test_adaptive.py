@@ -41,6 +41,8 @@ SETTINGS = AdaptiveSettings(enabled=True, latency_target_ms=1000, max_accuracy_l
                             up_at=0.5, down_at=0.1, settle_s=5.0, min_dwell_s=1.0)
 BURST = LoadSignals(queue_depth=900, consumer_lag=3000, oldest_wait_s=4.0, output_rate_msgs_per_s=100.0)
 CALM = LoadSignals(queue_depth=0, consumer_lag=0, oldest_wait_s=None, output_rate_msgs_per_s=50.0)
+FULL_SLOTS = LoadSignals(queue_depth=0, consumer_lag=0, oldest_wait_s=None, output_rate_msgs_per_s=32.0,
+                        in_flight=64)  # 2 s in slots, none queued
 BAND = LoadSignals(queue_depth=30, consumer_lag=0, oldest_wait_s=None, output_rate_msgs_per_s=100.0)  # 0.3 s
 
 
@@ -53,6 +55,17 @@ def test_pressure_is_the_expected_or_oldest_wait_over_the_target() -> None:
     assert woken.pressure(1.0) == pytest.approx(0.2)  # nothing answered lately: the rate says nothing
     old = LoadSignals(queue_depth=1, consumer_lag=None, oldest_wait_s=2.5, output_rate_msgs_per_s=1000.0)
     assert old.pressure(1.0) == pytest.approx(2.5)
+    assert FULL_SLOTS.pressure(1.0) == pytest.approx(2.0) and FULL_SLOTS.queue_pressure(1.0) == 0.0
+
+
+def test_a_full_slot_table_shifts_up_before_any_queue_and_holds_until_the_latency_is_back() -> None:
+    """On a CPU a burst waits in the slot table first (a step's cost grows with its rows): the expected
+    latency counts the slots; the gear comes down only once nothing queues AND the latency is fine."""
+    c = GearController(SETTINGS, num_gears=4)
+    assert run(c, FULL_SLOTS, 0.0, 2.5)[-1] == 3
+    assert set(run(c, FULL_SLOTS, 2.5, 30.0)) == {3}  # no queue, but the latency is over target: hold
+    gears = run(c, CALM, 30.0, 50.0)
+    assert gears[-1] == 0
 
 
 # ---- the controller -----------------------------------------------------------------------------------
