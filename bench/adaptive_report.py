@@ -193,7 +193,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += [
         f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in doc["targets"]
     ]
-    lines += ["", "Plot: `adaptive.png` (outstanding messages, p99 latency per second of sending, gear)."]
+    lines += ["", "Plot: `adaptive.png` (round 0 of each mode: outstanding messages, p99 latency per second "
+              "of sending, gear)."]
     return "\n".join(lines) + "\n"
 
 
