@@ -1,11 +1,12 @@
-"""``elbert-stream bench {engine,accuracy,stream,host,padding,all}``: the benchmarks, each writing JSON +
-markdown to ``bench/results/`` with the command that produced them. ``make bench`` runs ``bench all``.
+"""``elbert-stream bench {engine,accuracy,stream,host,padding,adaptive,all}``: the benchmarks, each writing
+JSON + markdown to ``bench/results/`` with the command that produced them. ``make bench`` runs ``bench all``.
 
 * ``engine``   variants (a)-(f) side by side + streaming latency (``engine_bench``)
 * ``accuracy`` accuracy / exit depth per policy (the ``evaluate`` command, written to ``--out``)
 * ``stream``   broker -> Serve replica -> broker vs the engine alone (``stream_bench``)
 * ``padding``  training step time, per-batch vs whole-set padding (``train_padding``)
 * ``host``     a bare kafka-python loop vs one Worker's data path, interleaved (``host_bench``)
+* ``adaptive`` fixed thresholds vs load-adaptive exit gears under a 2x burst (``adaptive_bench``)
 * ``all``      every part in turn with their defaults (``--quick`` shrinks each for a smoke run)
 
 A part module offers ``add_arguments(parser)`` and a handler ``(args) -> int``; this module
@@ -33,6 +34,7 @@ PARTS: dict[str, tuple[str, str]] = {
     "stream": ("bench.stream_bench", "run_stream_bench"),
     "padding": ("bench.train_padding", "run_padding_bench"),
     "host": ("bench.host_bench", "run_host_bench"),
+    "adaptive": ("bench.adaptive_bench", "run_adaptive_bench"),
 }
 QUICK_STREAM_MESSAGES = 100
 
@@ -76,6 +78,9 @@ def _add_part_arguments(p: argparse.ArgumentParser, part: str) -> None:
 def _apply_quick(part: str, args: argparse.Namespace) -> None:
     if part == "stream" and getattr(args, "quick", False):
         args.messages = min(args.messages, QUICK_STREAM_MESSAGES)
+    if part == "adaptive" and getattr(args, "quick", False):
+        args.base_s, args.burst_s = min(args.base_s, 5.0), min(args.burst_s, 8.0)
+        args.after_s = min(args.after_s, 25.0)
 
 
 def run_part(part: str, args: argparse.Namespace) -> int:
@@ -111,13 +116,13 @@ def run_all(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks -> bench/results/*.json + *.md")
-    parts = bench.add_subparsers(dest="part", metavar="{engine,accuracy,stream,host,padding,all}",
+    parts = bench.add_subparsers(dest="part", metavar="{engine,accuracy,stream,host,padding,adaptive,all}",
                                  required=True)
     for part in PARTS:
         p = parts.add_parser(part, help=_describe(part), conflict_handler="resolve")
         _add_part_arguments(p, part)
         p.set_defaults(func=lambda a, part=part: run_part(part, a))
-    p = parts.add_parser("all", help="engine, accuracy, stream, host and padding in turn")
+    p = parts.add_parser("all", help="engine, accuracy, stream, host, padding and adaptive in turn")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--quick", action="store_true", help="a small smoke run of every part")
     p.set_defaults(func=run_all)
