@@ -1,5 +1,6 @@
-"""``elbert-stream bench {engine,accuracy,stream,host,padding,ops,all}``: the benchmarks, each writing JSON +
-markdown to ``bench/results/`` with the command that produced them. ``make bench`` runs ``bench all``.
+"""``elbert-stream bench {engine,accuracy,stream,host,padding,ops,adaptive,all}``: the benchmarks, each
+writing JSON + markdown to ``bench/results/`` with the command that produced them. ``make bench`` runs
+``bench all``.
 
 * ``engine``   variants (a)-(f) side by side + streaming latency (``engine_bench``)
 * ``accuracy`` accuracy / exit depth per policy (the ``evaluate`` command, written to ``--out``)
@@ -7,6 +8,7 @@ markdown to ``bench/results/`` with the command that produced them. ``make bench
 * ``padding``  training step time, per-batch vs whole-set padding (``train_padding``)
 * ``host``     a bare kafka-python loop vs one Worker's data path, interleaved (``host_bench``)
 * ``ops``      aten ops (and CUDA kernels) per steady engine step (``step_ops``)
+* ``adaptive`` fixed thresholds vs load-adaptive exit gears under a 2x burst (``adaptive_bench``)
 * ``all``      every part in turn with their defaults (``--quick`` shrinks each for a smoke run)
 
 A part module offers ``add_arguments(parser)`` and a handler ``(args) -> int``; this module
@@ -35,6 +37,7 @@ PARTS: dict[str, tuple[str, str]] = {
     "padding": ("bench.train_padding", "run_padding_bench"),
     "host": ("bench.host_bench", "run_host_bench"),
     "ops": ("bench.step_ops", "main"),
+    "adaptive": ("bench.adaptive_bench", "run_adaptive_bench"),
 }
 QUICK_STREAM_MESSAGES = 100
 
@@ -78,6 +81,9 @@ def _add_part_arguments(p: argparse.ArgumentParser, part: str) -> None:
 def _apply_quick(part: str, args: argparse.Namespace) -> None:
     if part == "stream" and getattr(args, "quick", False):
         args.messages = min(args.messages, QUICK_STREAM_MESSAGES)
+    if part == "adaptive" and getattr(args, "quick", False):
+        args.base_s, args.burst_s = min(args.base_s, 5.0), min(args.burst_s, 8.0)
+        args.after_s = min(args.after_s, 25.0)
 
 
 def run_part(part: str, args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "consume": "elbert_stream.stream.commands",
     "train": "elbert_stream.training.train",
     "evaluate": "elbert_stream.training.evaluate",
+    "gears": "elbert_stream.training.gears",
     "broker": "elbert_stream.testing.broker",
     "bench": "bench.cli",
     "demo": "examples.demo",

@@ -7,11 +7,14 @@ and passed explicitly; nothing reads the environment at import time.
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+SHIPPED_MODEL = "bbc-elbert"  # inside the package (elbert_stream/models/): used when model.path is None
 PolicyName = Literal["confidence_window", "entropy", "patience", "none"]
 
 
@@ -23,6 +26,13 @@ class ModelSettings(BaseModel):
     )
     max_length: int = Field(128, ge=8, description="truncation length in tokens (<= model max positions)")
     compile: bool = Field(False, description="torch.compile the shared layer (CUDA only pays off)")
+
+
+def model_dir(path: str | None) -> Path:
+    """The checkpoint directory ``ModelSettings.path`` names (None = the shipped model's folder)."""
+    if path is not None:
+        return Path(path)
+    return Path(str(resources.files("elbert_stream") / "models" / SHIPPED_MODEL))
 
 
 class ExitSettings(BaseModel):
@@ -214,6 +224,41 @@ class AutoscalingSettings(BaseModel):
     scale_down_headroom: float = Field(0.8, gt=0, le=1.0, description="scale down only below this share")
 
 
+class AdaptiveSettings(BaseModel):
+    """Load-adaptive exit (gears): under a backlog the replica loosens its exit thresholds along the
+    model's gear table (``gears.json`` beside the model), within an accuracy budget, and returns to the
+    default gear when the backlog is gone; see docs/adaptive.md. Changeable live (``reconfigure``)."""
+
+    enabled: bool = Field(False, description="run the gear controller; off = the exit settings stay fixed")
+    latency_target_ms: float = Field(
+        2000.0, gt=0, description="latency a message may see in the replica (ms): one gear up when the "
+        "expected latency ((queue + lag + in slots) / output rate) or the oldest waiting message's age "
+        "reaches up_at x this; set it well above the replica's latency at normal load"
+    )
+    max_accuracy_loss_points: float | None = Field(
+        1.5, ge=0, description="budget: gears more than this many accuracy points below the default gear "
+        "(on the validation split in gears.json) are never used; None = no limit"
+    )
+    min_consistency: float | None = Field(
+        None, ge=0, le=1, description="budget: gears whose labels agree with full depth less often than this "
+        "share (validation) are never used; None = no limit"
+    )
+    up_at: float = Field(0.5, gt=0, description="one gear up when pressure (latency / target) reaches this")
+    down_at: float = Field(
+        0.1, ge=0, description="one gear down after the wait for a slot ((queue + lag) / output rate) stayed "
+        "at or below this x latency_target for settle_s, with the pressure below up_at"
+    )
+    settle_s: float = Field(5.0, ge=0, description="calm needed before each shift down (s): the hysteresis")
+    min_dwell_s: float = Field(1.0, ge=0, description="at least this long between two shifts up (s)")
+
+    @model_validator(mode="after")
+    def _check_band(self) -> AdaptiveSettings:
+        if self.down_at >= self.up_at:
+            raise ValueError(f"adaptive.down_at ({self.down_at}) must be below adaptive.up_at "
+                             f"({self.up_at}): the band between them is the controller's hysteresis")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ELBERT_", env_nested_delimiter="__", extra="forbid")
 
@@ -223,3 +268,4 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    adaptive: AdaptiveSettings = Field(default_factory=AdaptiveSettings)

@@ -109,7 +109,9 @@ REQUIRED_WORKER_STATS = (
 )
 # Optional: recent_exit_depth_counts (list[float], the exit histogram decayed per message: used for E[D]
 # instead of exit_depth_counts when present, so E[D] follows an exit-policy change within ~1,000
-# messages), max_slots (int), num_busy (int), backlog (int, polled but not yet in the engine: counted
+# messages; the worker feeds it only with exits at the DEFAULT exit gear, so while adaptive exit runs a
+# looser gear the pending work is still counted at the default gear's depths), max_slots (int),
+# num_busy (int), backlog (int, polled but not yet in the engine: counted
 # as waiting), paused (bool, consumer paused by backpressure: saturated), lag_per_partition
 # ({partition: lag|None} | None), num_partitions_assigned (int), total_input_partitions (int).
 

@@ -68,6 +68,7 @@ class Prediction:
     queue_s: float  # arrival -> admitted into a slot
     compute_s: float  # admitted -> exited
     meta: Any = None
+    gear: int = 0  # exit gear of the step that made it (adaptive.py; the worker's engine stage sets it)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -33,12 +32,11 @@ from transformers import AlbertConfig, AlbertForSequenceClassification, AutoToke
 from transformers.models.albert.modeling_albert import AlbertLayerGroup
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from elbert_stream.config import MODEL_EXIT_DEFAULTS, ExitSettings
+from elbert_stream.config import MODEL_EXIT_DEFAULTS, ExitSettings, model_dir
 from elbert_stream.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-SHIPPED_MODEL = "bbc-elbert"
 DEPTH_LOGIT_INIT = 4.0
 
 Pooling = Literal["cls", "mean"]
@@ -304,7 +302,7 @@ def normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 def shipped_model_dir() -> Path:
     """The BBC News ELBERT model shipped inside the package."""
-    path = Path(str(resources.files("elbert_stream") / "models" / SHIPPED_MODEL))
+    path = model_dir(None)
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"the shipped model is missing at {str(path)!r}; run `make model`")
     return path

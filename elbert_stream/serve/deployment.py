@@ -11,11 +11,12 @@
 * runs on whatever ``ray_actor_options`` gave it: ``model.device="auto"`` picks CUDA when Ray
   assigned a GPU, and torch uses as many threads as Ray assigned CPUs.
 
-``reconfigure(user_config)``: the ``exit`` section applies live (between engine steps, no
-restart; ``autoscaling`` is accepted too, but only the controller-side policy's kwargs drive
-scaling). A change to ``model``, ``engine``, ``kafka`` or ``telemetry`` restarts the worker inside
-the replica: the old one drains (finish in-flight, flush, commit), then a new engine and worker
-start. ``check_health`` raises once the worker has died, so Serve replaces the replica.
+``reconfigure(user_config)``: the ``exit`` and ``adaptive`` (load-adaptive exit gears,
+docs/adaptive.md) sections apply live (between engine steps, no restart; ``autoscaling`` is
+accepted too, but only the controller-side policy's kwargs drive scaling). A change to ``model``,
+``engine``, ``kafka`` or ``telemetry`` restarts the worker inside the replica: the old one drains
+(finish in-flight, flush, commit), then a new engine and worker start. ``check_health`` raises once
+the worker has died, so Serve replaces the replica.
 ``__del__`` (Serve's graceful stop) drains within ``graceful_shutdown_timeout_s``.
 
 Kafka group membership (measured on Tansu 0.6; docs/serving.md has the table): by default every
@@ -233,6 +234,7 @@ class ElbertWorker:
             "replica_id": self.replica_tag,
             "group_instance_id": self.group_instance_id,
             "exit": self._settings.exit.model_dump(),
+            "exit_gear": worker.gears.describe() if worker is not None else None,
             "worker": worker.stats() if worker is not None else None,
             "telemetry": tel.to_dict() if tel is not None and hasattr(tel, "to_dict") else tel,
         }
@@ -289,9 +291,15 @@ class ElbertWorker:
             self._settings = new
             self._start()
             return
-        if "exit" in changed:
+        gears = self._worker.gears
+        if "adaptive" in changed and not new.adaptive.enabled:  # off first: then exit may be set by hand
+            gears.configure(new.adaptive)
+        if "exit" in changed:  # refused (ConfigError) while adaptive exit stays on
             self._worker.set_exit_policy(new.exit)
             log.info("replica %s: exit policy now %s", self.replica_tag, new.exit.model_dump())
+        if "adaptive" in changed and new.adaptive.enabled:
+            gears.configure(new.adaptive)
+            log.info("replica %s: adaptive exit %s", self.replica_tag, new.adaptive.model_dump())
         self._settings = new
 
     def _stop_worker(self, timeout_s: float) -> None:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from elbert_stream.config import Settings
 from elbert_stream.errors import ConfigError
 
-LIVE_SECTIONS = frozenset({"exit", "autoscaling"})  # applied without restarting the worker
+LIVE_SECTIONS = frozenset({"exit", "autoscaling", "adaptive"})  # applied without restarting the worker
 RESTART_SECTIONS = frozenset({"model", "engine", "kafka", "telemetry"})  # worker restarted in place
 
 

@@ -2,8 +2,10 @@
 
 Per iteration: take what the tokenizer stage handed over (waiting only while the engine is idle),
 ``Engine.add`` until the engine's queue is full (the rest waits here, still counted in the
-``Budget``, so the intake pauses), ONE ``Engine.step``, and the step's predictions to the output
-stage (waiting while its channel is full: backpressure). Synchronous requests (``Worker.classify``)
+``Budget``, so the intake pauses), the exit-gear hook (``adaptive.ExitGears.update``: may shift the
+exit settings for the step about to run), ONE ``Engine.step``, and the step's predictions, stamped
+with that step's gear (``Prediction.gear``), to the output stage (waiting while its channel is full:
+backpressure). Synchronous requests (``Worker.classify``)
 go ahead of the Kafka requests waiting here. A request ``add`` refuses as bad becomes a
 dead letter (a synchronous job fails). After a revoke, the requests waiting here of the revoked
 partitions are dropped; ones already in the engine finish and are dropped by the output stage. The
@@ -18,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from elbert_stream.adaptive import ExitGears, LoadSignals
 from elbert_stream.errors import BadMessage
 from elbert_stream.stream.loop_stats import LoopStats
 from elbert_stream.stream.offsets import OffsetTracker
@@ -37,14 +40,15 @@ class EngineStage:
     """See the module doc. ``run`` is the loop's body (the worker's own thread)."""
 
     def __init__(self, engine: EngineLike, tracker: OffsetTracker, budget: Budget, inbox: Channel[Request],
-                 out: Channel[Prediction | DeadLetter], loop: LoopStats, *, aborted: threading.Event,
-                 stopping: threading.Event, deadline: Callable[[], float]) -> None:
+                 out: Channel[Prediction | DeadLetter], loop: LoopStats, gears: ExitGears, *,
+                 aborted: threading.Event, stopping: threading.Event, deadline: Callable[[], float]) -> None:
         self.engine = engine
         self.tracker = tracker
         self.budget = budget
         self.inbox = inbox
         self.out = out
         self.loop = loop
+        self.gears = gears
         self.aborted = aborted
         self.stopping = stopping
         self.deadline = deadline
@@ -79,7 +83,12 @@ class EngineStage:
             self._drop_revoked()
         self.clock.start()
         self.feed()
+        self.gears.update(self.load_signals)  # may shift the exit gear for the step below
+        gear = self.gears.gear
         preds = engine.step() if engine.has_work() else []
+        if gear:
+            for p in preds:
+                p.gear = gear
         self.clock.stop(len(preds))
         if preds and not self.out.put(preds):
             return False
@@ -109,6 +118,12 @@ class EngineStage:
         if rejected:
             self.out.put(rejected)
         self.budget.give(queued)
+
+    def load_signals(self) -> LoadSignals:
+        """What the exit-gear controller reads (this thread): polled messages not yet in the engine
+        (the ``Budget``) plus the engine's queue, lag, the age of the oldest request waiting here."""
+        head = self.backlog[0].arrival_s if self.backlog else None
+        return self.loop.load_signals(self.budget.used, head)
 
     def _drop_revoked(self) -> None:
         self._seen_forgets = self.tracker.num_forgets

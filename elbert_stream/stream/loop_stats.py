@@ -8,7 +8,10 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from elbert_stream.adaptive import LoadSignals
+from elbert_stream.load import pending_layer_work
 from elbert_stream.stream.offsets import TopicPartition
+from elbert_stream.telemetry.summary import StatsSnapshot
 from elbert_stream.types import Prediction
 
 RATE_WINDOW_S = 1.0
@@ -38,9 +41,14 @@ class LoopStats:
         with self._lock:
             self._arrived += n
 
-    def finished(self, preds: list[Prediction]) -> None:
+    def finished(self, preds: list[Prediction], *, default_gear: bool = True) -> None:
+        """Count finished predictions; only those made at the default exit gear (``adaptive.py``) feed
+        the recent exit-depth histogram, so the autoscaler counts pending work at the default gear's
+        depths while a looser gear is active (adapting exits never hides the load)."""
         with self._lock:
             self._finished += len(preds)
+            if not default_gear:
+                return
             # each exit ages the histogram by one message: O(L + n) per batch, not O(L n)
             recent, n = self._recent_exits, len(preds)
             age = self._decay ** n
@@ -73,6 +81,27 @@ class LoopStats:
     def lag(self) -> dict[TopicPartition, int | None]:
         with self._lock:
             return dict(self._lag)
+
+    def load_signals(self, backlog: int, backlog_head_s: float | None) -> LoadSignals:
+        """What the exit-gear controller reads (``adaptive.LoadSignals``); ``backlog``: polled requests
+        not yet in the engine, ``backlog_head_s``: the oldest one's arrival (monotonic)."""
+        with self._lock:
+            lags = [v for v in self._lag.values() if v is not None]
+            queued = backlog + int(self._engine.get("num_waiting", 0))
+            rate, busy = self._rates["finished_rate_msgs_per_s"], int(self._engine.get("num_busy", 0))
+        oldest = None if backlog_head_s is None else time.monotonic() - backlog_head_s
+        return LoadSignals(queued, sum(lags) if lags else None, oldest, rate, busy)
+
+    def telemetry_snapshot(self, backlog: int, parked: int, held: int, gear: int) -> StatsSnapshot:
+        """The ``telemetry.StatsSnapshot``: pending layer work at the default gear's exit depths
+        (``finished``), the gauges, the exit gear in force."""
+        s = self.snapshot()
+        lag = {(tp.topic, tp.partition): v for tp, v in self.lag().items() if v is not None}
+        pending = pending_layer_work(s["busy_depth_counts"], s["recent_exit_depth_counts"], s["num_waiting"],
+                                     sum(lag.values()) if lag else None)
+        return StatsSnapshot(busy_slots=s["num_busy"], queue_depth=s["num_waiting"] + backlog,
+                             pending_layer_work=pending, layer_steps=s["engine"].get("num_layer_rows", 0),
+                             consumer_lag=lag, parked_records=parked, held_partitions=held, exit_gear=gear)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -68,8 +68,11 @@ class OutputStage:
 
     def emit(self, items: list[Prediction | DeadLetter]) -> None:
         preds = [i for i in items if isinstance(i, Prediction)]
-        if preds:
-            self.loop.finished(preds)
+        if preds:  # only default-gear exits feed the autoscaler's exit histogram (LoopStats.finished)
+            looser = [p for p in preds if p.gear]
+            self.loop.finished([p for p in preds if not p.gear] if looser else preds)
+            if looser:
+                self.loop.finished(looser, default_gear=False)
         for item in items:
             if isinstance(item, DeadLetter):
                 self.dead_letter(item)
@@ -83,7 +86,8 @@ class OutputStage:
         if self.telemetry is not None:
             headers = self.telemetry.record_prediction(p, meta.headers, source_timestamp_ms=meta.timestamp_ms)
         name, version, replica = self.names
-        value = encode_output(meta, p, model_name=name, model_version=version, replica_id=replica)
+        value = encode_output(meta, p, model_name=name, model_version=version, replica_id=replica,
+                             gear=p.gear)
         self.sink.send_output(meta, value, headers)
 
     def dead_letter(self, d: DeadLetter) -> None:

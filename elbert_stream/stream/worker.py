@@ -42,6 +42,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from elbert_stream.adaptive import ExitGears
 from elbert_stream.config import ExitSettings, Settings
 from elbert_stream.errors import ElbertError, EngineFailure
 from elbert_stream.stream.engine_stage import EngineStage
@@ -62,7 +63,8 @@ JOIN_S = 10.0  # how long the loop waits for a helper stage to end after it ende
 
 class Worker:
     """One engine fed from Kafka (see module doc). Public API: ``start``, ``run``, ``stop``, ``alive``,
-    ``error``, ``health``, ``set_exit_policy``, ``classify``, ``stats``, ``telemetry_snapshot``."""
+    ``error``, ``health``, ``set_exit_policy``, ``gears`` (exit gear), ``classify``, ``stats``,
+    ``telemetry_snapshot``."""
 
     def __init__(self, settings: Settings, engine: EngineLike, tokenizer: Any = None, *, replica_id: str,
                  telemetry: Any = None, identity: str | None = None) -> None:
@@ -96,6 +98,9 @@ class Worker:
         self._loop = LoopStats(engine.num_layers)
         self.model_name = engine.model_name
         self.model_version = engine.model_version
+        # the exit gear (adaptive.py): shifted by the engine stage before each step
+        self.gears = ExitGears(engine.set_exit_settings, self.settings.exit, self.settings.adaptive,
+                               self.settings.model.path)
         self._budget = Budget(k.max_poll_records)
         self._texts: Channel[Any] = Channel("texts")
         self._requests: Channel[Any] = Channel("requests")
@@ -167,8 +172,8 @@ class Worker:
     # ---- control from other threads -----------------------------------------------------------
     def set_exit_policy(self, exit_settings: ExitSettings) -> None:
         """Swap the exit rule (thread-safe; takes effect at the engine's next step). Raises
-        ConfigError for settings the model cannot take."""
-        self.engine.set_exit_settings(exit_settings)
+        ConfigError for settings the model cannot take, or while adaptive exit sets them (gears)."""
+        self.gears.set_exit(exit_settings)
         self.settings.exit = exit_settings
 
     def classify(self, texts: list[str], timeout_s: float = 30.0) -> list[Prediction]:
@@ -220,7 +225,8 @@ class Worker:
             "tokenizer": TokenizeStage(self._batch_tokenizer(), self.tracker, self._budget, self._texts,
                                        self._requests, self._results, self._abort),
             "engine": EngineStage(self.engine, self.tracker, self._budget, self._requests, self._results,
-                                  self._loop, aborted=self._abort, stopping=self._stop, deadline=deadline),
+                                  self._loop, self.gears, aborted=self._abort, stopping=self._stop,
+                                  deadline=deadline),
             "output": output,
         }
         engine_stage: EngineStage = self._stages["engine"]
@@ -311,21 +317,11 @@ class Worker:
             num_commits=source.num_commits if source is not None else 0,
             num_revocations=source.num_revocations if source is not None else 0,
             num_dropped_revoked=sum(int(s["dropped_revoked"]) for s in stages.values()),
-            stages=stages, exit_policy=self.settings.exit.model_dump(),
+            stages=stages, exit_policy=self.settings.exit.model_dump(), adaptive=self.gears.describe(),
         )
         return out
 
     def telemetry_snapshot(self) -> Any:
         """The ``telemetry.StatsSnapshot`` read when metrics are collected."""
-        from elbert_stream.load import pending_layer_work
-        from elbert_stream.telemetry.summary import StatsSnapshot
-
-        s = self._loop.snapshot()
-        lag = {(tp.topic, tp.partition): v for tp, v in self._loop.lag().items() if v is not None}
-        backlog = self._budget.used
-        pending = pending_layer_work(s["busy_depth_counts"], s["recent_exit_depth_counts"], s["num_waiting"],
-                                     sum(lag.values()) if lag else None)
-        return StatsSnapshot(busy_slots=s["num_busy"], queue_depth=s["num_waiting"] + backlog,
-                             pending_layer_work=pending, layer_steps=s["engine"].get("num_layer_rows", 0),
-                             consumer_lag=lag, parked_records=self.sink.num_parked if self.sink else 0,
-                             held_partitions=len(self.source.held) if self.source else 0)
+        return self._loop.telemetry_snapshot(self._budget.used, self.sink.num_parked if self.sink else 0,
+                                             len(self.source.held) if self.source else 0, self.gears.gear)

@@ -259,6 +259,7 @@ class Telemetry:
                 queue_depth=snap.queue_depth,
                 pending_layer_work=snap.pending_layer_work,
                 consumer_lag={f"{t}[{p}]": lag for (t, p), lag in snap.consumer_lag.items()},
+                exit_gear=snap.exit_gear,
             )
 
     # internals -------------------------------------------------------------------------------------
@@ -291,6 +292,8 @@ class Telemetry:
              "records not writable yet (e.g. dead-letter topic refused), retried with backoff"),
             ("elbert_held_partitions", "held_partitions", "{partition}",
              "input partitions paused behind parked records"),
+            ("elbert_exit_gear", "exit_gear", "{gear}",
+             "exit gear in force: 0 = default thresholds, k = k-th looser gear (adaptive exit)"),
         ):
             meter.create_observable_gauge(name, [self._observe(attr)], unit, doc)
         meter.create_observable_gauge(

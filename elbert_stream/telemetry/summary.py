@@ -35,6 +35,7 @@ class StatsSnapshot:
     consumer_lag: Mapping[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) -> lag
     parked_records: int = 0  # records that could not be written yet (sink.py), retried with backoff
     held_partitions: int = 0  # input partitions paused behind a parked record
+    exit_gear: int = 0  # exit gear in force (adaptive.py): 0 = the default exit settings
 
 
 StatsSource = Callable[[], StatsSnapshot]
@@ -66,6 +67,7 @@ class TelemetrySummary:
     queue_depth: int
     pending_layer_work: float
     consumer_lag: dict[str, int]  # "topic[partition]" -> lag
+    exit_gear: int = 0  # exit gear in force (0 = default; adaptive exit, docs/adaptive.md)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

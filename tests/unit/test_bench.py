@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -169,3 +170,44 @@ def test_padding_bench_pads_the_same_tokens_two_ways() -> None:
          "token_slots": {"batch": 18, "set": 32}, "slot_use": {"batch": 0.8, "set": 0.5},
          "set_width_tokens": 8, "speedup_median": 2.0}
     assert "**2.00x** faster" in _markdown(r) and "shared with other agents" in _markdown(r)
+
+
+def _adaptive_raw(gear: int, slow_ms: float) -> dict[str, Any]:
+    """A synthetic run: 61 sent at 2/s, ids 20..39 (the burst) slow, id 60 lost, id 0 answered twice."""
+    from types import SimpleNamespace
+
+    def rec(i: int) -> SimpleNamespace:
+        return SimpleNamespace(id=i, end_to_end_ms=slow_ms if 20 <= i < 40 else 10.0, label="a",
+                               gear=gear if 20 <= i < 50 else 0, exit_depth=1,
+                               produced_ms=(100 + i / 2) * 1e3)
+
+    records = [rec(i) for i in range(60)] + [rec(0)]
+    timeline = [{"t_s": k / 2, "outstanding": 50 if 20 <= k < 50 else 0, "gear": gear if 20 <= k < 50 else 0}
+                for k in range(120)]
+    return {"start_s": 100.0, "sent": {i: 100 + i / 2 for i in range(61)}, "records": records,
+            "timeline": timeline, "dead_letters": 0, "error": None, "capacity": 10.0}
+
+
+def test_adaptive_bench_figures_from_synthetic_runs(tmp_path: Path) -> None:
+    """``bench adaptive``'s arithmetic: windows by send time, loss, return-to-default, targets, files."""
+    from types import SimpleNamespace
+
+    from bench import adaptive_report as A
+
+    args = SimpleNamespace(base_s=10.0, burst_s=10.0, base_load=0.5)
+    gold, full = ["a", "b"], ["a", "a"]
+    fixed = A.summarise(_adaptive_raw(0, 900.0), gold, full, args)
+    adaptive = A.summarise(_adaptive_raw(2, 100.0), gold, full, args)
+    assert fixed["burst"]["messages"] == 20 and fixed["burst"]["p99_ms"] == 900.0
+    assert fixed["lost"] == 1 and fixed["duplicates"] == 1
+    assert fixed["overall"]["accuracy"] == 0.5 and fixed["overall"]["consistency"] == 1.0
+    assert fixed["back_to_default_after_burst_s"] == 0.0 and adaptive["back_to_default_after_burst_s"] == 5.0
+    assert adaptive["drained_after_burst_s"] == 5.0 and adaptive["burst"]["gears"] == {2: 20}
+    settings = {**vars(args), "after_s": 5.0, "burst_load": 2.0, "rounds": 1}
+    doc = {"command": "x", "capacity_msgs_per_s": 10.0, "phases": [], "settings": settings,
+           "adaptive_settings": {"max_accuracy_loss_points": 1.5},
+           "runs": {"fixed": [fixed], "adaptive": [adaptive]}}
+    paths = A.write_results(doc, tmp_path)
+    assert [t["met"] for t in doc["targets"]] == [True, True, False, True]  # p99, accuracy, lost, return
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert "| p99 end-to-end, burst (ms) | 900 | 100 | 0.11 |" in paths[1].read_text()

@@ -11,7 +11,8 @@ import pytest
 
 from elbert_stream import cli
 
-USER_COMMANDS = {"classify", "run", "produce", "consume", "train", "evaluate", "broker", "bench", "demo"}
+USER_COMMANDS = {"classify", "run", "produce", "consume", "train", "evaluate", "gears", "broker", "bench",
+                 "demo"}
 
 
 def test_every_command_users_call_is_registered_and_parses() -> None:

