@@ -39,7 +39,10 @@ class Intake:
     def __init__(self, settings: KafkaSettings, source: KafkaSource, sink: KafkaSink, tracker: OffsetTracker,
                  budget: Budget, out: Channel[IntakeItem], loop: LoopStats, *,
                  stopping: threading.Event, aborted: threading.Event, downstream_done: threading.Event,
-                 take_revoked: Callable[[], set[TopicPartition]]) -> None:
+                 take_revoked: Callable[[], set[TopicPartition]],
+                 fail: Callable[[BaseException], None]) -> None:
+        """``fail(error)``: the worker's abort, called before this stage closes sink and source (so the
+        others stop at once, and the error is the one recorded)."""
         self.settings = settings
         self.source = source
         self.sink = sink
@@ -51,6 +54,7 @@ class Intake:
         self.aborted = aborted
         self.downstream_done = downstream_done
         self.take_revoked = take_revoked
+        self.fail = fail
         self.clock = StageClock()
         self.cadence = CommitCadence(settings.commit_interval_s)
 
@@ -64,6 +68,9 @@ class Intake:
                 self._await_downstream()
             if not self.aborted.is_set():
                 self.commit(force=True)
+        except BaseException as e:
+            self.fail(e)
+            raise
         finally:
             self.out.close()
             self._close()

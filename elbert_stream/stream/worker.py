@@ -221,7 +221,7 @@ class Worker:
         self._stages = {
             "intake": Intake(self.settings.kafka, self.source, self.sink, self.tracker, self._budget,
                              self._texts, self._loop, stopping=self._stop, aborted=self._abort,
-                             downstream_done=output.done, take_revoked=self._take_revoked),
+                             downstream_done=output.done, take_revoked=self._take_revoked, fail=self._fail),
             "tokenizer": TokenizeStage(self._batch_tokenizer(), self.tracker, self._budget, self._texts,
                                        self._requests, self._results, self._abort),
             "engine": EngineStage(self.engine, self.tracker, self._budget, self._requests, self._results,
@@ -257,12 +257,17 @@ class Worker:
     def _finish(self) -> None:
         """After the engine loop: wait for the other stages (the intake closes sink and source; if it
         never ran, close them here) and fail the synchronous jobs left anywhere."""
-        if self.error is None and self._stages and not self._stop.is_set():
-            self._fail(EngineFailure(f"worker {self.replica_id}: the engine loop ended unasked"))
+        unasked = self.error is None and bool(self._stages) and not self._stop.is_set()
+        if unasked:  # the engine's input ended without a stop: a stage failed (its error comes) or a bug
+            self._abort.set()
+            for ch in (self._texts, self._requests, self._results):
+                ch.abort()
         for t in self._helpers:
-            t.join(None if self.error is None else JOIN_S)
+            t.join(None if self.error is None and not unasked else JOIN_S)
             if t.is_alive():
                 log.error("worker %s: stage %s did not end", self.replica_id, t.name)
+        if unasked and self.error is None:
+            self._fail(EngineFailure(f"worker {self.replica_id}: the engine loop ended unasked"))
         if not self._helpers:
             for closer in (self.sink, self.source):
                 with contextlib.suppress(Exception):
