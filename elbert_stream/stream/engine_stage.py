@@ -4,11 +4,11 @@ Per iteration: take what the tokenizer stage handed over (waiting only while the
 ``Engine.add`` until the engine's queue is full (the rest waits here, still counted in the
 ``Budget``, so the intake pauses), ONE ``Engine.step``, and the step's predictions to the output
 stage (waiting while its channel is full: backpressure). Synchronous requests (``Worker.classify``)
-go ahead of the Kafka requests waiting here. A request ``add`` refuses as bad becomes a
-dead letter (a synchronous job fails). After a revoke, the requests waiting here of the revoked
-partitions are dropped; ones already in the engine finish and are dropped by the output stage. The
-loop ends when its channel is closed and everything in it ran (drain), at the drain deadline, or
-when the worker aborts.
+go ahead of the Kafka requests waiting here, and their results go straight back to the caller.
+A request ``add`` refuses as bad becomes a dead letter (a synchronous job fails). After a revoke,
+the requests waiting here of the revoked partitions are dropped; ones already in the engine finish
+and are dropped by the output stage. The loop ends when its channel is closed and everything in it
+ran (drain), at the drain deadline, or when the worker aborts.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class EngineStage:
         self.feed()
         preds = engine.step() if engine.has_work() else []
         self.clock.stop(len(preds))
-        if preds and not self.out.put(preds):
+        kafka = self._answer_jobs(preds) if preds else preds
+        if kafka and not self.out.put(kafka):
             return False
         self._refresh_stats()
         return not (self._inbox_done and not self.backlog and not engine.has_work())
@@ -109,6 +110,17 @@ class EngineStage:
         if rejected:
             self.out.put(rejected)
         self.budget.give(queued)
+
+    def _answer_jobs(self, preds: list[Prediction]) -> list[Prediction]:
+        """Synchronous results straight to their callers (a caller never waits behind the output
+        stage's produce calls: those may block up to ``max_block_ms``); the rest, for the output."""
+        jobs = [p for p in preds if isinstance(p.meta, SyncRef)]
+        if not jobs:
+            return preds
+        for p in jobs:
+            p.meta.job.set(p.meta.index, p)
+        self.loop.finished(jobs)
+        return [p for p in preds if not isinstance(p.meta, SyncRef)]
 
     def _drop_revoked(self) -> None:
         self._seen_forgets = self.tracker.num_forgets
