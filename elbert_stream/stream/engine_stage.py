@@ -5,8 +5,8 @@ Per iteration: take what the tokenizer stage handed over (waiting only while the
 ``Budget``, so the intake pauses), the exit-gear hook (``adaptive.ExitGears.update``: may shift the
 exit settings for the step about to run), ONE ``Engine.step``, and the step's predictions, stamped
 with that step's gear (``Prediction.gear``), to the output stage (waiting while its channel is full:
-backpressure). Synchronous requests (``Worker.classify``)
-go ahead of the Kafka requests waiting here. A request ``add`` refuses as bad becomes a
+backpressure). Synchronous requests (``Worker.classify``) go ahead of the Kafka requests waiting
+here, and their results go straight back to the caller. A request ``add`` refuses as bad becomes a
 dead letter (a synchronous job fails). After a revoke, the requests waiting here of the revoked
 partitions are dropped; ones already in the engine finish and are dropped by the output stage. The
 loop ends when its channel is closed and everything in it ran (drain), at the drain deadline, or
@@ -90,7 +90,8 @@ class EngineStage:
             for p in preds:
                 p.gear = gear
         self.clock.stop(len(preds))
-        if preds and not self.out.put(preds):
+        kafka = self._answer_jobs(preds) if preds else preds
+        if kafka and not self.out.put(kafka):
             return False
         self._refresh_stats()
         return not (self._inbox_done and not self.backlog and not engine.has_work())
@@ -124,6 +125,17 @@ class EngineStage:
         (the ``Budget``) plus the engine's queue, lag, the age of the oldest request waiting here."""
         head = self.backlog[0].arrival_s if self.backlog else None
         return self.loop.load_signals(self.budget.used, head)
+
+    def _answer_jobs(self, preds: list[Prediction]) -> list[Prediction]:
+        """Synchronous results straight to their callers (a caller never waits behind the output
+        stage's produce calls: those may block up to ``max_block_ms``); the rest, for the output."""
+        jobs = [p for p in preds if isinstance(p.meta, SyncRef)]
+        if not jobs:
+            return preds
+        for p in jobs:
+            p.meta.job.set(p.meta.index, p)
+        self.loop.finished(jobs, default_gear=not any(p.gear for p in jobs))
+        return [p for p in preds if not isinstance(p.meta, SyncRef)]
 
     def _drop_revoked(self) -> None:
         self._seen_forgets = self.tracker.num_forgets

@@ -222,6 +222,19 @@ def test_engine_stage_drops_waiting_work_of_a_revoked_partition() -> None:
     assert stage.clock.dropped_revoked == 3 and budget.used == 0
 
 
+def test_engine_stage_answers_jobs_itself() -> None:
+    tracker, budget = OffsetTracker(), Budget(10)
+    stage, inbox, out = engine_stage(FakeEngine(max_queue=4), tracker, budget)
+    job = SyncJob(["a"])
+    budget.take(1)
+    inbox.put([Request([1], meta=polled(tracker, 0, 0))])
+    inbox.put([Request([1], meta=SyncRef(job, 0))], urgent=True)
+    stage.iteration()
+    assert job.wait(1)[0].meta == SyncRef(job, 0), "answered without the output stage"
+    sent = out.get()
+    assert sent is not None and [p.meta.offset for p in sent] == [0]
+
+
 def test_engine_stage_waits_while_the_output_channel_is_full() -> None:
     tracker, budget = OffsetTracker(), Budget(10)
     engine = FakeEngine(max_queue=1)
