@@ -112,6 +112,7 @@ class Intake:
                 d = decode_input(m.value, input_format=fmt, max_message_bytes=max_bytes,
                                  max_text_chars=max_chars)
             except BadMessage as e:
+                self.sink.shed_value(m)  # a 10 MB value must not wait in the output's queue
                 out.append(DeadLetter(m, e))
                 continue
             m.id = d.id

@@ -41,6 +41,9 @@ class InputMessage:
     timestamp_ms: int = -1
     epoch: int = 0
     polled_s: float = field(default_factory=time.monotonic)
+    # a value too large to produce again, released as soon as the record is known bad (the dead letter
+    # omits it; ``KafkaSink.shed_value``): its size, for ``elbert.value_omitted``
+    shed_value_bytes: int | None = None
     id: str | int | None = None  # the JSON input's "id", once decoded
 
     @property

@@ -129,6 +129,13 @@ class KafkaSink:
         except RECORD_REJECTED as e:
             self.send_dead_letter(msg, "output_rejected", f"output record rejected: {e!r}")
 
+    def shed_value(self, msg: InputMessage) -> None:
+        """Release the value of a bad record now if its dead letter will omit it anyway (too large to
+        produce again): a 10 MB value then never waits in a stage's queue (any thread)."""
+        if msg.value is not None and len(msg.value) + len(msg.key or b"") + 4096 > int(
+                self.producer.config["max_request_size"]):
+            msg.shed_value_bytes, msg.value = len(msg.value), None
+
     def send_dead_letter(self, msg: InputMessage, reason: str, detail: str,
                          trace: Headers | None = None, *, omit_value: bool = False) -> None:
         """Produce the original key and value to the dead-letter topic, with the reason in headers
@@ -141,11 +148,13 @@ class KafkaSink:
         headers = dead_letter_headers(msg, reason, detail, self.replica_id)
         if trace is not None:
             headers = [h for h in headers if h[0] not in TRACE_HEADERS] + list(trace)
+        omit_value = omit_value or msg.shed_value_bytes is not None
         if not omit_value:  # an estimate of the record size with 512 bytes of framing
             size = len(msg.value or b"") + len(msg.key or b"") + sum(len(k) + len(v) for k, v in headers)
             omit_value = size + 512 > int(self.producer.config["max_request_size"])
         if omit_value:
-            headers.append(("elbert.value_omitted", f"{len(msg.value or b'')} bytes".encode()))
+            size_bytes = msg.shed_value_bytes if msg.shed_value_bytes is not None else len(msg.value or b"")
+            headers.append(("elbert.value_omitted", f"{size_bytes} bytes".encode()))
         value = None if omit_value else msg.value
         if value is None and msg.key is None:  # Kafka clients refuse a record with neither
             value = b""

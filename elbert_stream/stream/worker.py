@@ -48,6 +48,7 @@ from elbert_stream.errors import ElbertError, EngineFailure
 from elbert_stream.stream.engine_stage import EngineStage
 from elbert_stream.stream.intake import Intake
 from elbert_stream.stream.loop_stats import LoopStats
+from elbert_stream.stream.memory import limit_malloc_arenas
 from elbert_stream.stream.offsets import OffsetTracker, TopicPartition
 from elbert_stream.stream.output import OutputStage
 from elbert_stream.stream.pipeline import Budget, Channel
@@ -123,6 +124,7 @@ class Worker:
         """The engine loop in the calling thread (the other stages on their own) until ``stop``;
         raises the error that ended it."""
         self._running.set()
+        limit_malloc_arenas()  # before the stage threads: docs in memory.py
         try:
             self._open()
             engine_stage = self._build_stages()
