@@ -3,7 +3,9 @@
 glibc gives each thread that allocates under contention an arena of its own (up to 8 per core) and
 rarely returns their memory: with the pipeline's four stage threads handling 10 MB values, the
 replica's peak RSS grew with every round of large inputs (460 -> 650 -> 764 MB in
-``test_hostile_values_compressed_batches_and_10mb_values``; with two arenas 460 -> 628 -> 628 MB).
+``test_hostile_values_compressed_batches_and_10mb_values`` on Tansu; on noida-db, whose fetches
+carry more of them at once, 456 -> 732 -> 810 MB even with two arenas; with one: 464 -> 660 -> 676 MB
+on Tansu, 462 -> 777 -> 777 MB on noida-db).
 ``limit_malloc_arenas`` caps them (``mallopt(M_ARENA_MAX)``) unless ``MALLOC_ARENA_MAX`` is set;
 a no-op off glibc.
 """
@@ -17,7 +19,8 @@ import os
 
 log = logging.getLogger(__name__)
 M_ARENA_MAX = -8  # glibc's mallopt parameter
-DEFAULT_ARENAS = 2
+DEFAULT_ARENAS = 1  # 2 still grew by 78 MB a round on noida-db; the cost of one shared arena (malloc
+# contention between stage threads) is not yet measured with `bench host`
 
 
 def limit_malloc_arenas(arenas: int = DEFAULT_ARENAS) -> bool:
