@@ -40,7 +40,9 @@ def test_gears_shift_up_under_a_backlog_and_return_to_default(kafka_bootstrap: s
     try:
         produce(kafka_bootstrap, topics["input"], texts(8, "warm"))
         assert wait_for(lambda: worker.stats()["num_finished"] >= 8, 120), worker.stats()
-        assert worker.gears.gear == 0
+        # a first join on a fresh broker can keep the warm-up waiting past the latency target, and the
+        # controller may shift up for it: idle, it is back at the default before the burst
+        assert wait_for(lambda: worker.gears.gear == 0, 60), worker.gears.describe()
         produce(kafka_bootstrap, topics["input"], texts(600, "burst"))
         recs = outputs(kafka_bootstrap, topics, 608)
         burst_gears = Counter(r.gear for r in recs if (r.key or "").startswith("burst"))
