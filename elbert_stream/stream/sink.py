@@ -132,9 +132,13 @@ class KafkaSink:
     def shed_value(self, msg: InputMessage) -> None:
         """Release the value of a bad record now if its dead letter will omit it anyway (too large to
         produce again): a 10 MB value then never waits in a stage's queue (any thread)."""
-        if msg.value is not None and len(msg.value) + len(msg.key or b"") + 4096 > int(
-                self.producer.config["max_request_size"]):
+        if msg.value is not None and self._too_large_to_resend(msg, 4096):  # headers not built yet
             msg.shed_value_bytes, msg.value = len(msg.value), None
+
+    def _too_large_to_resend(self, msg: InputMessage, framing_bytes: int) -> bool:
+        """Whether key + value + ``framing_bytes`` exceed the producer's ``max_request_size``."""
+        size = len(msg.value or b"") + len(msg.key or b"") + framing_bytes
+        return size > int(self.producer.config["max_request_size"])
 
     def send_dead_letter(self, msg: InputMessage, reason: str, detail: str,
                          trace: Headers | None = None, *, omit_value: bool = False) -> None:
@@ -149,9 +153,8 @@ class KafkaSink:
         if trace is not None:
             headers = [h for h in headers if h[0] not in TRACE_HEADERS] + list(trace)
         omit_value = omit_value or msg.shed_value_bytes is not None
-        if not omit_value:  # an estimate of the record size with 512 bytes of framing
-            size = len(msg.value or b"") + len(msg.key or b"") + sum(len(k) + len(v) for k, v in headers)
-            omit_value = size + 512 > int(self.producer.config["max_request_size"])
+        if not omit_value:  # an estimate of the record size: headers + 512 bytes of framing
+            omit_value = self._too_large_to_resend(msg, 512 + sum(len(k) + len(v) for k, v in headers))
         if omit_value:
             size_bytes = msg.shed_value_bytes if msg.shed_value_bytes is not None else len(msg.value or b"")
             headers.append(("elbert.value_omitted", f"{size_bytes} bytes".encode()))
