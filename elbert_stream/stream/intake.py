@@ -22,6 +22,7 @@ from typing import Any
 from elbert_stream.config import KafkaSettings
 from elbert_stream.errors import BadMessage
 from elbert_stream.stream.loop_stats import LoopStats
+from elbert_stream.stream.memory import Trimmer
 from elbert_stream.stream.offsets import CommitCadence, OffsetTracker, TopicPartition
 from elbert_stream.stream.pipeline import Budget, Channel, DeadLetter, StageClock, keep_current
 from elbert_stream.stream.records import InputMessage, decode_input
@@ -57,6 +58,7 @@ class Intake:
         self.fail = fail
         self.clock = StageClock()
         self.cadence = CommitCadence(settings.commit_interval_s)
+        self.trimmer = Trimmer()  # large values' freed pages back to the OS (stream/memory.py)
 
     def run(self) -> None:
         """Until stop (then drain: see the module doc) or a failure anywhere (then only close)."""
@@ -90,6 +92,9 @@ class Intake:
                                max_records=min(room, self.settings.max_poll_records))
         if msgs:
             self.clock.start()
+            for m in msgs:
+                if m.value is not None:
+                    self.trimmer.saw(len(m.value))
             self._apply_revokes()
             msgs, dropped = keep_current(msgs, lambda m: m, self.tracker.is_current)
             self.clock.dropped_revoked += dropped
@@ -100,6 +105,7 @@ class Intake:
             self.clock.stop(len(msgs))
         self.commit()
         self._refresh_lag()
+        self.trimmer.maybe_trim()
 
     def decode(self, msgs: list[InputMessage]) -> list[IntakeItem]:
         """(message, text) per decodable record, a ``DeadLetter`` per other one; JSON ids set on the

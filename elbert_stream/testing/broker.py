@@ -80,6 +80,10 @@ QUIRKS: dict[str, str] = {
                                          "and its next join never completes (1 of 3 bare restarts): the "
                                          "worker's health check stops it after 3 session timeouts + 30 s; "
                                          "the supervisor's restart joins",
+    "fetch_limits_ignored": "a Fetch returns every batch available, whatever fetch.max.bytes and "
+                            "max.partition.fetch.bytes say (Kafka returns one oversized batch alone): a "
+                            "consumer's buffer holds the backlog there "
+                            "(test_a_fetch_brings_one_oversized_batch)",
     "end_txn_refused_after_abort": "EndTxn refused (InvalidTxnState) after an abort and a new producer "
                                    "epoch: the exactly_once refused-dead-letter path is unit-tested",
 }
@@ -212,7 +216,8 @@ class NoidaBroker(EmbeddedBroker):
     kind = "noida"
     quirks = frozenset({"never_expires_dead_member", "never_expires_static_member",
                         "never_aborts_abandoned_transaction", "reader_after_abort_misses_commits",
-                        "end_txn_refused_after_abort", "static_rejoin_after_kill_can_hang"})
+                        "end_txn_refused_after_abort", "static_rejoin_after_kill_can_hang",
+                        "fetch_limits_ignored"})
     product_settings: dict[str, dict[str, object]] = {}
 
     def __init__(self, port: int | None = None, *, data_dir: str | Path | None = None,

@@ -235,3 +235,21 @@ def other_member(k: KafkaSettings, topic: str) -> Iterator[KafkaConsumer]:
         stop.set()
         thread.join(10)
         other.close(autocommit=False)
+
+
+def allow_values_of(bootstrap: str, topic: str, num_bytes: int) -> None:
+    """Raise ``topic``'s max.message.bytes (Kafka's default is ~1 MB), as an operator would for 10 MB
+    inputs; a broker that enforces no such limit (quirk ``no_max_message_bytes``) needs nothing."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    from elbert_stream.testing.broker import quirks_of
+
+    if "no_max_message_bytes" in quirks_of(bootstrap):
+        return
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic,
+                                            configs={"max.message.bytes": str(num_bytes)})])
+    finally:
+        admin.close()

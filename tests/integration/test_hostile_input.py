@@ -14,17 +14,28 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from kafka_support import Reader, by_source, produce, read_all, rss_mb, run_cli, wait_for, worker_settings
+from kafka_support import (
+    Reader,
+    allow_values_of,
+    by_source,
+    produce,
+    read_all,
+    rss_mb,
+    run_cli,
+    wait_for,
+    worker_settings,
+)
 
 from elbert_stream.engine.engine import Engine
 from elbert_stream.errors import BadMessage
 from elbert_stream.stream.records import OutputRecord, decode_input
 from elbert_stream.stream.worker import Worker
-from elbert_stream.testing.broker import create_topics
+from elbert_stream.testing.broker import create_topics, quirks_of
 
 pytestmark = pytest.mark.integration
 BIG = 10_000_000
-NUM_BIG = int(os.environ.get("HOSTILE_NUM_BIG", "20"))
+NUM_BIG = int(os.environ.get("HOSTILE_NUM_BIG", "20"))  # two rounds' worth: NUM_BIG // 2 + 1 values a round
+ROUNDS = 4
 GARBAGE_HEADERS = {"traceparent": b"\xff\xfe not-a-trace", "tracestate": b"", "x-bin": bytes(range(256))}
 
 
@@ -50,6 +61,16 @@ def hostile_items() -> list[tuple[bytes | None, bytes | None, dict[str, bytes], 
     ]
 
 
+def settled_rss_mb(pid: int, span_s: float = 1.5) -> float:
+    """The lowest RSS of ``pid`` over ``span_s`` (what it keeps, not what it is freeing right now)."""
+    lowest = rss_mb(pid, "VmRSS")
+    deadline = time.monotonic() + span_s
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        lowest = min(lowest, rss_mb(pid, "VmRSS"))
+    return lowest
+
+
 def check_answers(sent: list[Any], expected: list[str], got: dict[str, list[Any]]) -> dict[str, Any]:
     """Exactly one answer per sent offset, of the expected kind; returns the answers by position."""
     index = by_source({"out": got["out"], "dead": got["dead"]})
@@ -65,29 +86,19 @@ def check_answers(sent: list[Any], expected: list[str], got: dict[str, list[Any]
     return {pos: v[0] for pos, v in index.items()}
 
 
-def allow_values_of(bootstrap: str, topic: str, num_bytes: int) -> None:
-    """Raise ``topic``'s max.message.bytes (Kafka's default is ~1 MB), as an operator would for 10 MB
-    inputs; a broker that enforces no such limit (quirk ``no_max_message_bytes``) needs nothing."""
-    from kafka import KafkaAdminClient
-    from kafka.admin import ConfigResource, ConfigResourceType
-
-    from elbert_stream.testing.broker import quirks_of
-
-    if "no_max_message_bytes" in quirks_of(bootstrap):
-        return
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic,
-                                            configs={"max.message.bytes": str(num_bytes)})])
-    finally:
-        admin.close()
-
-
 @pytest.mark.both_brokers
 def test_hostile_values_compressed_batches_and_10mb_values(kafka_bootstrap: str, topics: dict[str, str],
                                                             tiny_model_dir: Path, tmp_path: Path) -> None:
-    """One ``elbert-stream run``: odd values, batches from gzip/snappy/lz4/zstd producers, then twelve
-    10 MB values; its peak RSS must not grow by the size of what passed through."""
+    """One ``elbert-stream run``: odd values, batches from gzip/snappy/lz4/zstd producers, then rounds of
+    10 MB values; memory stays bounded and nothing of the values stays behind.
+
+    - retained: the RSS once a round is answered and the intake's trim ran (the lowest of 1.5 s of
+      samples: a buffer freed a moment later is not retained) must not grow from the second round to
+      the last two by half a round (values kept, or growing fragmentation, would show in every round);
+    - peak: at most three rounds' worth above the start (a few of the largest records at once, as
+      each fetch brings one; docs/streaming.md "Hostile input"). On noida-db, which ignores fetch
+      limits (quirk ``fetch_limits_ignored``), one fetch brings the whole backlog: six rounds' worth.
+    The peak is a running maximum, so its growth over rounds is not what is checked."""
     settings = worker_settings(kafka_bootstrap, topics, tiny_model_dir)
     allow_values_of(kafka_bootstrap, topics["input"], BIG + 100_000)
     items = hostile_items()
@@ -101,14 +112,14 @@ def test_hostile_values_compressed_batches_and_10mb_values(kafka_bootstrap: str,
     reader = Reader(kafka_bootstrap, [topics["output"], topics["dead"]])
     try:
         got = reader.read(len(sent), timeout_s=90, settle_s=0.5)
-        # two rounds of 10 MB values on one key (one partition) plus a keyless one: the second round
-        # must not raise the peak RSS the first one set (memory bounded, not growing with the input)
-        peaks, big = [rss_mb(proc.pid, "VmHWM")], []
-        for _round in range(2):
+        # rounds of 10 MB values on one key (one partition) plus a keyless one
+        peaks, kept, big = [rss_mb(proc.pid, "VmHWM")], [settled_rss_mb(proc.pid)], []
+        for _round in range(ROUNDS):
             bigs = [(b"big", b"x" * BIG, {}) for _ in range(NUM_BIG // 2)] + [(None, b"y" * BIG, {})]
             big += produce(kafka_bootstrap, topics["input"], bigs, max_request_size=BIG + 100_000)
-            got = reader.read(len(sent) + len(big), timeout_s=90, settle_s=1.0)
+            got = reader.read(len(sent) + len(big), timeout_s=90, settle_s=1.0)  # the trim settles first
             peaks.append(rss_mb(proc.pid, "VmHWM"))
+            kept.append(settled_rss_mb(proc.pid))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, (tmp_path / "w.log").read_text()[-3000:]
     finally:
@@ -126,9 +137,14 @@ def test_hostile_values_compressed_batches_and_10mb_values(kafka_bootstrap: str,
     assert OutputRecord.from_bytes(extra.value).id == "e1"
     assert answers[sent[12].position][1].headers["traceparent"] == GARBAGE_HEADERS["traceparent"]
     per_round_mb = (NUM_BIG // 2 + 1) * BIG / 1e6
-    print(f"[hostile] {len(sent)} odd/compressed, then 2 rounds of {NUM_BIG // 2 + 1} x 10 MB "
-          f"({per_round_mb:.0f} MB each): worker peak RSS {' -> '.join(f'{p:.0f}' for p in peaks)} MB")
-    assert peaks[2] - peaks[1] < 0.5 * per_round_mb, "memory grew with the input"
+    print(f"[hostile] {len(sent)} odd/compressed, then {ROUNDS} rounds of {NUM_BIG // 2 + 1} x 10 MB "
+          f"({per_round_mb:.0f} MB each): worker peak RSS {' -> '.join(f'{p:.0f}' for p in peaks)} MB, "
+          f"RSS after each {' -> '.join(f'{p:.0f}' for p in kept)} MB")
+    # the lower of the last two: kafka-python keeps its last socket read (up to one fetch response:
+    # a whole round on noida-db) until more bytes arrive, which lifts a single sample; a leak lifts both
+    assert min(kept[-2:]) - kept[1] < 0.5 * per_round_mb, "memory retained grew with the input"
+    rounds_at_once = 6 if "fetch_limits_ignored" in quirks_of(kafka_bootstrap) else 3
+    assert peaks[-1] - peaks[0] < rounds_at_once * per_round_mb, "peak memory beyond a few rounds at once"
 
 values = st.one_of(
     st.none(), st.binary(max_size=64), st.text(max_size=64).map(lambda t: t.encode("utf-8", "surrogatepass")),

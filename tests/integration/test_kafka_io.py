@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer
 from kafka import TopicPartition as KTopicPartition
-from kafka_support import produce, read_all, wait_for
+from kafka_support import allow_values_of, produce, read_all, wait_for
 
 from elbert_stream.config import KafkaSettings
 from elbert_stream.stream.offsets import CommitCadence, OffsetTracker, TopicPartition
@@ -402,6 +402,32 @@ def test_lag_from_list_offsets_is_exact_and_fresh_while_paused(kafka_bootstrap: 
         assert sum(v or 0 for v in source.lag().values()) > 40  # the second batch, produced while paused
     finally:
         source.close()
+
+
+@pytest.mark.both_brokers
+def test_a_fetch_brings_one_oversized_batch(kafka_bootstrap: str) -> None:
+    """Kafka's fetch limits: a batch larger than ``max.partition.fetch.bytes`` comes whole, but alone
+    in its fetch, which bounds a replica's consumer buffer by ``fetch_max_bytes`` or the largest batch
+    (docs/streaming.md, "Memory"). noida-db returns every batch available (quirk
+    ``fetch_limits_ignored``): asserted, so that the quirk is dropped once it is fixed."""
+    topics = fresh_topics(kafka_bootstrap, "fetchlimit", partitions=1)
+    allow_values_of(kafka_bootstrap, topics["input"], 3_000_000)
+    produce(kafka_bootstrap, topics["input"], [(b"k", b"x" * 2_000_000, {}) for _ in range(4)], partition=0,
+            max_request_size=3_000_000)  # four batches of one 2 MB record each
+    tp = KTopicPartition(topics["input"], 0)
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest", fetch_max_bytes=1 << 20,
+                             max_partition_fetch_bytes=1 << 20)
+    try:
+        consumer.assign([tp])
+        first: list[object] = []
+        assert wait_for(lambda: first.extend(consumer.poll(200, max_records=100).get(tp, [])) or first, 30)
+    finally:
+        consumer.close()
+    if "fetch_limits_ignored" in quirks_of(kafka_bootstrap):
+        assert len(first) == 4, "noida-db now honours the fetch limits: drop the quirk fetch_limits_ignored"
+    else:
+        assert len(first) == 1, f"one fetch brought {len(first)} batches over the fetch limits"
 
 
 def test_tansu_list_offsets_quirk(tansu_bootstrap: str) -> None:
