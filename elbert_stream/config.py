@@ -128,6 +128,11 @@ class KafkaSettings(BaseModel):
         16 * 1024 * 1024, ge=1024,
         description="bytes one fetch may return (bounds the consumer's buffer); a larger record comes whole",
     )
+    receive_message_max_bytes: int = Field(
+        100_000_000, ge=1_000_000,
+        description="largest response the consumer accepts (bytes; kafka-python's limit): keep it above the "
+        "largest batch the input topics allow (max.message.bytes), or fetching stops at such a record",
+    )
     poll_timeout_ms: int = Field(20, ge=0, description="poll wait when the engine is idle (ms)")
     commit_interval_s: float = Field(
         1.0, gt=0, description="offset commit period (s); bounds duplicates after a crash"

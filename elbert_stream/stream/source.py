@@ -91,6 +91,7 @@ class KafkaSource:
                 max_poll_records=settings.max_poll_records, isolation_level=isolation_level,
                 fetch_max_bytes=settings.fetch_max_bytes,
                 max_partition_fetch_bytes=min(settings.fetch_max_bytes, 1024 * 1024),
+                receive_message_max_bytes=max(settings.receive_message_max_bytes, settings.fetch_max_bytes),
                 metrics_enabled=False,  # kafka-python's own sensors, per record; unused
             )
         self.consumer.subscribe(settings.input_topics, listener=_Rebalance(self))

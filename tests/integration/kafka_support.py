@@ -189,6 +189,7 @@ def run_cli(settings: Settings, replica_id: str | None, log_path: Path, **env: s
             "ELBERT_KAFKA__SESSION_TIMEOUT_MS": "6000", "ELBERT_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
             "ELBERT_KAFKA__COMMIT_INTERVAL_S": "0.5", "ELBERT_ENGINE__MAX_QUEUE": "64",
             "ELBERT_KAFKA__LAG_FROM": k.lag_from,
+            "ELBERT_KAFKA__RECEIVE_MESSAGE_MAX_BYTES": str(k.receive_message_max_bytes),
             "ELBERT_KAFKA__LEAVE_GROUP_ON_CLOSE": str(k.leave_group_on_close),
             **env}
     with open(log_path, "ab") as log:

@@ -94,7 +94,8 @@ def test_hostile_values_compressed_batches_and_10mb_values(kafka_bootstrap: str,
 
     - retained: the RSS once a round is answered and the intake's trim ran (the lowest of 1.5 s of
       samples: a buffer freed a moment later is not retained) must not grow from the second round to
-      the last two by half a round (values kept, or growing fragmentation, would show in every round);
+      the last two by half a round (values kept, or growing fragmentation, would show in every round;
+      one round more on noida-db, whose single fetch response kafka-python may still hold);
     - peak: at most three rounds' worth above the start (a few of the largest records at once, as
       each fetch brings one; docs/streaming.md "Hostile input"). On noida-db, which ignores fetch
       limits (quirk ``fetch_limits_ignored``), one fetch brings the whole backlog: six rounds' worth.
@@ -140,10 +141,14 @@ def test_hostile_values_compressed_batches_and_10mb_values(kafka_bootstrap: str,
     print(f"[hostile] {len(sent)} odd/compressed, then {ROUNDS} rounds of {NUM_BIG // 2 + 1} x 10 MB "
           f"({per_round_mb:.0f} MB each): worker peak RSS {' -> '.join(f'{p:.0f}' for p in peaks)} MB, "
           f"RSS after each {' -> '.join(f'{p:.0f}' for p in kept)} MB")
-    # the lower of the last two: kafka-python keeps its last socket read (up to one fetch response:
-    # a whole round on noida-db) until more bytes arrive, which lifts a single sample; a leak lifts both
-    assert min(kept[-2:]) - kept[1] < 0.5 * per_round_mb, "memory retained grew with the input"
-    rounds_at_once = 6 if "fetch_limits_ignored" in quirks_of(kafka_bootstrap) else 3
+    # the lower of the last two: kafka-python keeps its last socket read (up to one fetch response)
+    # until more bytes arrive, which lifts a single sample; a leak lifts both. On noida-db that read
+    # can be a whole round (quirk fetch_limits_ignored: kept 449 -> 611 -> 573 -> 573 -> 583 MB), so one
+    # round more is allowed there; keeping every value still fails it (+330 MB over these rounds)
+    whole_backlog = "fetch_limits_ignored" in quirks_of(kafka_bootstrap)
+    allowed_mb = (1.5 if whole_backlog else 0.5) * per_round_mb
+    assert min(kept[-2:]) - kept[1] < allowed_mb, "memory retained grew with the input"
+    rounds_at_once = 6 if whole_backlog else 3
     assert peaks[-1] - peaks[0] < rounds_at_once * per_round_mb, "peak memory beyond a few rounds at once"
 
 values = st.one_of(

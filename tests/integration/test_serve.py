@@ -42,8 +42,14 @@ def stream(kafka_bootstrap: str, tiny_model_dir: Path, http_port: int) -> Iterat
     s.delete()
 
 
+# a replica that cannot join is failed by its health check after 3 session timeouts (6 s) + 30 s and
+# replaced; its replacement's cold start took up to 19 s on this box, 45 s allowed
+JOIN_OR_REPLACE_S = 3 * 6 + 30 + 45
+
+
 def wait_assigned(s: Stream, num_replicas: int) -> set[str]:
-    return local.wait_until_consuming(s.name, s.http_port, s.route, num_replicas=num_replicas)
+    return local.wait_until_consuming(s.name, s.http_port, s.route, num_replicas=num_replicas,
+                                      timeout_s=JOIN_OR_REPLACE_S)
 
 
 def block_ports(n: int) -> tuple[list[socket.socket], int]:
