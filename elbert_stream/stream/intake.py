@@ -92,9 +92,6 @@ class Intake:
                                max_records=min(room, self.settings.max_poll_records))
         if msgs:
             self.clock.start()
-            for m in msgs:
-                if m.value is not None:
-                    self.trimmer.saw(len(m.value))
             self._apply_revokes()
             msgs, dropped = keep_current(msgs, lambda m: m, self.tracker.is_current)
             self.clock.dropped_revoked += dropped
@@ -114,6 +111,8 @@ class Intake:
         fmt, max_bytes, max_chars = k.input_format, k.max_message_bytes, k.max_text_chars
         out: list[IntakeItem] = []
         for m in msgs:
+            if m.value is not None:
+                self.trimmer.saw(len(m.value))
             try:
                 d = decode_input(m.value, input_format=fmt, max_message_bytes=max_bytes,
                                  max_text_chars=max_chars)

@@ -33,26 +33,23 @@ DEFAULT_ARENAS = 1  # 2 still grew by 78 MB a round on noida-db. Not a throughpu
 # Worker of `bench host --rounds 2` did 11.7 k / 8.3 k msg/s with one arena, 6.9 k / 5.5 k with 8
 
 
-def limit_malloc_arenas(arenas: int = DEFAULT_ARENAS) -> bool:
-    """Cap glibc malloc arenas for threads created from now on; True when applied."""
-    if os.environ.get("MALLOC_ARENA_MAX"):  # the operator's choice wins (read by glibc at start)
-        return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    ok = bool(mallopt(M_ARENA_MAX, arenas))
-    log.debug("malloc arenas capped at %d: %s", arenas, ok)
-    return ok
-
-
 def _libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
+
+
+def limit_malloc_arenas(arenas: int = DEFAULT_ARENAS) -> bool:
+    """Cap glibc malloc arenas for threads created from now on; True when applied."""
+    if os.environ.get("MALLOC_ARENA_MAX"):  # the operator's choice wins (read by glibc at start)
+        return False
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:  # not glibc
+        return False
+    ok = bool(mallopt(M_ARENA_MAX, arenas))
+    log.debug("malloc arenas capped at %d: %s", arenas, ok)
+    return ok
 
 
 class Trimmer:

@@ -51,6 +51,13 @@ class _Rebalance(AsyncConsumerRebalanceListener):
         self.source._on_assigned(assigned)
 
 
+
+def join_bound_s(session_timeout_ms: int) -> float:
+    """How long a member may go without an assignment before ``stuck_joining`` calls it stuck: three
+    session timeouts + 30 s (a join waits at most a session timeout for the members, dead ones
+    expired, plus the rebalance)."""
+    return 3 * session_timeout_ms / 1000 + 30.0
+
 class KafkaSource:
     """Consumer-group member over ``settings.input_topics``. Not thread-safe: every method runs on
     the worker's loop thread (kafka-python's consumer is single-threaded).
@@ -91,7 +98,7 @@ class KafkaSource:
                 max_poll_records=settings.max_poll_records, isolation_level=isolation_level,
                 fetch_max_bytes=settings.fetch_max_bytes,
                 max_partition_fetch_bytes=min(settings.fetch_max_bytes, 1024 * 1024),
-                receive_message_max_bytes=max(settings.receive_message_max_bytes, settings.fetch_max_bytes),
+                receive_message_max_bytes=settings.receive_message_max_bytes,
                 metrics_enabled=False,  # kafka-python's own sensors, per record; unused
             )
         self.consumer.subscribe(settings.input_topics, listener=_Rebalance(self))
@@ -137,7 +144,7 @@ class KafkaSource:
         """Why this member looks stuck, or None: no assignment since its start or its last revoke for
         longer than three session timeouts + 30 s (a join waits at most a session timeout for the
         members, dead ones expired, plus the rebalance). A restart is the remedy (health fails)."""
-        limit_s = 3 * self.settings.session_timeout_ms / 1000 + 30.0
+        limit_s = join_bound_s(self.settings.session_timeout_ms)
         since = self.rebalancing_since
         if since is None or time.monotonic() - since <= limit_s:
             return None

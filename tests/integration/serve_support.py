@@ -17,6 +17,7 @@ from elbert_stream.testing.streamcheck import Accounting, Sent, TopicReader, acc
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 TINY_LAYERS = 6
+SESSION_TIMEOUT_MS = 6000  # the deployed workers' group session timeout
 _names = itertools.count()
 
 
@@ -63,7 +64,8 @@ class Stream:
             "engine": {"max_slots": 16},
             "kafka": {"bootstrap_servers": self.bootstrap, "input_topics": [self.input],
                       "output_topic": self.output, "dead_letter_topic": self.dead, "group_id": self.name,
-                      "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "commit_interval_s": 0.2,
+                      "session_timeout_ms": SESSION_TIMEOUT_MS, "heartbeat_interval_ms": 1000,
+                      "commit_interval_s": 0.2,
                       **kafka},
         }
 

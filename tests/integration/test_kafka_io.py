@@ -20,7 +20,7 @@ from elbert_stream.config import KafkaSettings
 from elbert_stream.stream.offsets import CommitCadence, OffsetTracker, TopicPartition
 from elbert_stream.stream.records import InputMessage, output_record
 from elbert_stream.stream.sink import DeliveryError, KafkaSink
-from elbert_stream.stream.source import KafkaSource
+from elbert_stream.stream.source import KafkaSource, join_bound_s
 from elbert_stream.testing.broker import EmbeddedBroker, NoidaBroker, broker_name, create_topics, quirks_of
 from elbert_stream.types import DepthTrace, Prediction
 
@@ -65,8 +65,8 @@ def test_group_join_static_rejoin_and_lag(kafka_bootstrap: str, topics: dict[str
                               leave_group_on_close=False, lag_from="fetch_high_watermark")
     t0 = time.monotonic()
     source = KafkaSource(settings, OffsetTracker())
-    join_bound_s = 3 * settings.session_timeout_ms / 1000 + 30  # the health check's (stuck_joining)
-    first = poll_until(source, 1, timeout_s=join_bound_s)
+    bound_s = join_bound_s(settings.session_timeout_ms)  # the health check's (stuck_joining)
+    first = poll_until(source, 1, timeout_s=bound_s)
     join_s = time.monotonic() - t0
     assert first and source.assignment() == {TopicPartition(topics["input"], p) for p in range(4)}
     # lag: from the fetch high watermark, exact; None only before a fetch answered
@@ -81,14 +81,14 @@ def test_group_join_static_rejoin_and_lag(kafka_bootstrap: str, topics: dict[str
     source.close()
     t1 = time.monotonic()
     again = KafkaSource(settings, OffsetTracker())  # same static member, it did not leave: no rebalance
-    assert poll_until(again, 1, timeout_s=join_bound_s)
+    assert poll_until(again, 1, timeout_s=bound_s)
     rejoin_s = time.monotonic() - t1
     again.close()
     raw = sorted((t.partition, o) for t, o in raw_ends.items())
     print(f"[tansu] join {join_s:.1f}s, static rejoin {rejoin_s:.1f}s, lag {dict(lag)}, "
           f"end_offsets {raw} vs true {sorted(ends.items())}")
     # a join slower than this fails the worker's health check (KafkaSource.stuck_joining)
-    assert join_s < join_bound_s
+    assert join_s < bound_s
 
 
 @pytest.mark.both_brokers

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_support import LABELS, TINY_LAYERS, Stream, report, texts
+from serve_support import LABELS, SESSION_TIMEOUT_MS, TINY_LAYERS, Stream, report, texts
 
 from elbert_stream.serve import local
+from elbert_stream.stream.source import join_bound_s
 from elbert_stream.testing.broker import free_port
 from examples.demo import DEMO_MAX_MESSAGE_BYTES, bad_inputs
 
@@ -42,9 +43,9 @@ def stream(kafka_bootstrap: str, tiny_model_dir: Path, http_port: int) -> Iterat
     s.delete()
 
 
-# a replica that cannot join is failed by its health check after 3 session timeouts (6 s) + 30 s and
-# replaced; its replacement's cold start took up to 19 s on this box, 45 s allowed
-JOIN_OR_REPLACE_S = 3 * 6 + 30 + 45
+# a replica that cannot join is failed by its health check (join_bound_s) and replaced; its
+# replacement's cold start took up to 19 s on this box, 45 s allowed
+JOIN_OR_REPLACE_S = join_bound_s(SESSION_TIMEOUT_MS) + 45
 
 
 def wait_assigned(s: Stream, num_replicas: int) -> set[str]:
