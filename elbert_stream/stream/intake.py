@@ -2,8 +2,10 @@
 
 Every consumer call runs here (kafka-python's consumer is not thread-safe): poll, pause / resume /
 hold, commit, assignment, lag, close. Per iteration it holds the partitions the sink parked a record
-of, pauses every partition while the ``Budget`` is spent (else polls at most what is left, with a real
-``poll_timeout_ms`` wait, so a pending group join always gets its polls), drops polled records of a
+of, pauses every partition while the ``Budget`` is spent (then waits for room between ``poll(0)`` calls,
+except while a group join is in flight: then it polls back to back, since kafka-python drops a join
+answered between two polls; else polls at most what is left, with a real ``poll_timeout_ms`` wait),
+drops polled records of a
 revoked assignment, decodes the rest (bad ones become ``DeadLetter`` items) and hands the batch to
 the tokenizer stage. It commits on the ``CommitCadence`` (the sink decides how: group offsets, or
 one transaction with the outputs) and refreshes the lag. On stop it closes its channel, waits for the
@@ -84,8 +86,11 @@ class Intake:
         room = self.budget.available()
         if room <= 0:
             source.pause()
-            self.budget.wait_for_room(self.settings.poll_timeout_ms / 1000)
-            msgs = source.poll(0)  # paused: nothing comes, but a pending join gets its polls
+            if source.joining:  # no sleep between polls: a join answered between two is lost
+                msgs = source.poll(self.settings.poll_timeout_ms)
+            else:
+                self.budget.wait_for_room(self.settings.poll_timeout_ms / 1000)
+                msgs = source.poll(0)  # paused: nothing comes, but a pending join gets its polls
         else:
             source.resume()
             msgs = source.poll(self.settings.poll_timeout_ms,

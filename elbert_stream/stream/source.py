@@ -115,7 +115,7 @@ class KafkaSource:
         JoinGroup, so a member that does other work between ``poll(0)`` calls (the engine's steps)
         can rejoin forever without an assignment. Under eager rebalancing nothing is assigned while
         joining, so the wait costs no work of the group's partitions."""
-        if self.rebalancing_since is not None and joining_group(self.consumer):
+        if self.joining:
             deadline = time.monotonic() + max(timeout_ms, JOIN_POLL_MS) / 1000
             batches = self.consumer.poll(timeout_ms=JOIN_POLL_MS, max_records=max_records,
                                          update_offsets=True)
@@ -139,6 +139,11 @@ class KafkaSource:
                     timestamp_ms=-1 if r.timestamp is None else r.timestamp, epoch=epoch, polled_s=now,
                 ))
         return out
+
+    @property
+    def joining(self) -> bool:
+        """A group join is in flight (this member has no assignment to work on): poll back to back."""
+        return self.rebalancing_since is not None and joining_group(self.consumer)
 
     def stuck_joining(self) -> str | None:
         """Why this member looks stuck, or None: no assignment since its start or its last revoke for

@@ -323,6 +323,8 @@ class Worker:
             pending_offsets=self.tracker.total_pending(),
             num_commits=source.num_commits if source is not None else 0,
             num_revocations=source.num_revocations if source is not None else 0,
+            rebalancing_s=(None if source is None or source.rebalancing_since is None
+                           else round(time.monotonic() - source.rebalancing_since, 3)),
             num_dropped_revoked=sum(int(s["dropped_revoked"]) for s in stages.values()),
             stages=stages, exit_policy=self.settings.exit.model_dump(), adaptive=self.gears.describe(),
         )

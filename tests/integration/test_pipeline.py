@@ -82,9 +82,10 @@ def test_full_pipeline_pauses_and_a_revoke_drops_work_in_every_stage(kafka_boots
         with other_member(settings.kafka, topics["input"]) as other:
             revoked = lambda: worker.stats()["num_revocations"] >= 1 and bool(other.assignment())  # noqa: E731
             assert wait_for(revoked, 90), worker.stats()
-        # it left: the worker gets every partition back
-        assert wait_for(lambda: worker.stats()["num_revocations"] >= 2
-                        and worker.stats()["num_partitions_assigned"] == 4, 90), worker.stats()
+        # it left: the worker gets every partition back (its revocation count may stay at 1: a join
+        # kafka-python lost while the other was there leaves it without the split assignment)
+        assert wait_for(lambda: (s := worker.stats())["rebalancing_s"] is None
+                        and s["num_partitions_assigned"] == 4, 90), worker.stats()
 
         # 3. the engine runs again: the stale work is dropped where it is, everything is read again
         engine.gate.set()

@@ -356,3 +356,54 @@ def test_predictions_carry_their_steps_gear_to_the_record_and_only_gear_0_feeds_
     assert [OutputRecord.from_bytes(v).gear for _, v in sink.outputs] == [0, 0, 1, 1]
     snap = loop.snapshot()
     assert snap["num_finished"] == 4 and sum(snap["recent_exit_depth_counts"]) == pytest.approx(2, rel=0.01)
+
+
+class JoiningSource:
+    """A consumer-owning source of logic only: every partition paused, a group join in flight for the
+    first ``join_polls`` polls; records each poll's timeout and when it was made."""
+
+    def __init__(self, join_polls: int) -> None:
+        self.join_polls = join_polls
+        self.polls: list[tuple[int, float]] = []
+        self.paused = False
+        self.consumer = type("C", (), {"assignment": staticmethod(lambda: set())})()
+
+    @property
+    def joining(self) -> bool:
+        return len(self.polls) < self.join_polls
+
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputMessage]:
+        self.polls.append((timeout_ms, time.monotonic()))
+        return []
+
+    def hold(self, tps: Any) -> None: ...
+    def pause(self) -> None: self.paused = True
+    def resume(self) -> None: self.paused = False
+    def lag(self) -> dict[Any, Any]: return {}
+    def total_partitions(self) -> int: return 4
+
+
+def test_a_paused_intake_polls_back_to_back_while_a_join_is_in_flight() -> None:
+    """Budget spent: the intake waits for room between ``poll(0)`` calls, except while the group join
+    is in flight, when it polls with a real timeout and no wait (kafka-python drops a join answered
+    between two polls: ``kafka_internals.joining_group``)."""
+    from elbert_stream.config import KafkaSettings
+    from elbert_stream.stream.intake import Intake
+
+    settings = KafkaSettings(poll_timeout_ms=300)
+    source = JoiningSource(join_polls=3)
+    sink = type("S", (), {"blocked": lambda self: set(), "commit": lambda self, *a, **k: None})()
+    budget = Budget(2)
+    budget.take(2)  # full: nothing may be polled
+    intake = Intake(settings, source, sink, OffsetTracker(), budget, Channel(4), LoopStats(4),  # type: ignore[arg-type]
+                    stopping=threading.Event(), aborted=threading.Event(), downstream_done=threading.Event(),
+                    take_revoked=set, fail=lambda e: None)
+    t0 = time.monotonic()
+    for _ in range(5):
+        intake.iteration()
+    assert source.paused
+    assert [t for t, _ in source.polls] == [300, 300, 300, 0, 0], source.polls
+    joined_at = [at - t0 for _, at in source.polls]
+    assert joined_at[2] < 0.2, "no wait for room between the polls of a join"
+    assert joined_at[3] - joined_at[2] >= 0.25 and joined_at[4] - joined_at[3] >= 0.25, \
+        "joined: the intake waits for room (poll_timeout_ms) between polls"
