@@ -150,6 +150,11 @@ class KafkaSettings(BaseModel):
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "none", description="producer compression of output and dead-letter batches"
     )
+    linger_ms: int = Field(
+        2, ge=0, description="producer linger.ms for outputs and dead letters: how long a batch waits for "
+        "more records (ms). Larger means fewer, fuller batches (less broker work per answer) at that much "
+        "more latency"
+    )
     delivery_timeout_ms: int = Field(
         120_000, ge=1000, description="producer retries a send this long (ms); past it the worker fails"
     )

@@ -38,6 +38,7 @@ from kafka import errors as kerrors
 from elbert_stream.config import KafkaSettings
 from elbert_stream.errors import ElbertError
 from elbert_stream.stream.client import client_config, explain_bootstrap
+from elbert_stream.stream.kafka_internals import no_busy_send_loop
 from elbert_stream.stream.offsets import OffsetTracker, TopicPartition
 from elbert_stream.stream.parking import ParkingLot
 from elbert_stream.stream.records import (
@@ -94,7 +95,7 @@ class KafkaSink:
         # Measured on noida-db. Java fails only that batch. at_least_once tolerates the duplicate a
         # retry after a lost acknowledgement can cause; exactly_once is transactional (idempotent).
         cfg: dict[str, Any] = {"acks": "all", "enable_idempotence": "transactional_id" in producer_overrides,
-                               "linger_ms": 2,
+                               "linger_ms": settings.linger_ms,
                                "metrics_enabled": False,  # kafka-python's own sensors, per record; unused
                                "delivery_timeout_ms": settings.delivery_timeout_ms,
                                "max_block_ms": settings.max_block_ms,
@@ -110,7 +111,9 @@ class KafkaSink:
 
     def _new_producer(self) -> KafkaProducer:
         with explain_bootstrap(self.settings, "producer"):
-            return KafkaProducer(**self._producer_config)
+            producer = KafkaProducer(**self._producer_config)
+        no_busy_send_loop(producer)  # kafka-python spins while a broker does not answer
+        return producer
 
     @property
     def in_flight(self) -> int:

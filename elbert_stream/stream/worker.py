@@ -308,6 +308,7 @@ class Worker:
         out = self._loop.snapshot()
         failure, warnings = self.health()
         stages = {name: stage.clock.snapshot() for name, stage in self._stages.items()}
+        since = source.rebalancing_since if source is not None else None  # read once: the IO thread sets it
         out.update(
             replica_id=self.replica_id, alive=self.alive(),
             error=None if self.error is None else repr(self.error),
@@ -323,8 +324,7 @@ class Worker:
             pending_offsets=self.tracker.total_pending(),
             num_commits=source.num_commits if source is not None else 0,
             num_revocations=source.num_revocations if source is not None else 0,
-            rebalancing_s=(None if source is None or source.rebalancing_since is None
-                           else round(time.monotonic() - source.rebalancing_since, 3)),
+            rebalancing_s=None if since is None else round(time.monotonic() - since, 3),
             num_dropped_revoked=sum(int(s["dropped_revoked"]) for s in stages.values()),
             stages=stages, exit_policy=self.settings.exit.model_dump(), adaptive=self.gears.describe(),
         )

@@ -437,9 +437,11 @@ def test_broker_restart_resumes_without_operator(mode: str, tiny_model_dir: Path
         acked = spy_acked_answers(monkeypatch, names["output"])
         # Tansu on S3 keeps one object per record batch and lists them to serve a fetch: reads slow down
         # as a partition grows (2 200 one-record batches: > 60 s for the first fetch). Fewer, larger
-        # input batches (40 msgs/s, 250 ms linger) and a 20 s delivery timeout (a stuck transaction
-        # fails over sooner) keep a run to ~500-800 inputs (one stuck transaction: ~1 500).
-        kafka = {"delivery": mode, "delivery_timeout_ms": 20_000}
+        # input and output batches (40 msgs/s; 250 ms linger on both sides: at the worker's default
+        # 2 ms every answer was a batch of its own, and after the restart the test's reader fell behind
+        # for good) and a 20 s delivery timeout (a stuck transaction fails over sooner) keep a run to
+        # ~500-800 inputs (one stuck transaction: ~1 500).
+        kafka = {"delivery": mode, "delivery_timeout_ms": 20_000, "linger_ms": 250}
         settings = worker_settings(bootstrap, names, tiny_model_dir, kafka=kafka)
         stream = Stream(bootstrap, names, rate=40.0, linger_ms=250)
         workers: list[Worker] = []

@@ -168,3 +168,21 @@ def test_leave_group_on_close_makes_a_static_member_leave() -> None:
     assert coordinator.is_dynamic_member() is False
     ki.leave_group_on_close(type("C", (), {"_coordinator": coordinator})())  # type: ignore[arg-type]
     assert coordinator.is_dynamic_member() is True
+
+
+def test_no_busy_send_loop_waits_on_a_connected_node_and_keeps_the_backoff_of_others() -> None:
+    from types import SimpleNamespace
+
+    # the sender takes a node's delay from its client when the node cannot take a request
+    assert "self._client.connection_delay(node)" in inspect.getsource(Sender._send_producer_data)
+    real = kafka.KafkaProducer(bootstrap_servers="127.0.0.1:9", api_version=(3, 9), metrics_enabled=False)
+    try:
+        assert isinstance(real._sender._client._manager._conns, dict)
+        ki.no_busy_send_loop(real)  # applies to the real object graph
+    finally:
+        real.close(timeout=0)
+    conns = {1: SimpleNamespace(connected=True), 2: SimpleNamespace(connected=False)}
+    client = SimpleNamespace(_manager=SimpleNamespace(_conns=conns), connection_delay=lambda node: 0.25)
+    ki.no_busy_send_loop(SimpleNamespace(_sender=SimpleNamespace(_client=client)))  # type: ignore[arg-type]
+    assert client.connection_delay(1) == ki.SENDER_WAIT_MS, "connected and full: wait for a response"
+    assert client.connection_delay(2) == 0.25 and client.connection_delay(3) == 0.25, "reconnect backoff kept"
