@@ -77,6 +77,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]
     Recorder.built = []
     monkeypatch.setattr(source, "KafkaConsumer", Consumer)
     monkeypatch.setattr(sink, "KafkaProducer", Producer)
+    monkeypatch.setattr(sink, "no_busy_send_loop", lambda producer: None)  # a fake has no sender
     return Recorder.built
 
 

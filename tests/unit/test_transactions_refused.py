@@ -59,6 +59,7 @@ class Producer:
 def fake_kafka(monkeypatch: pytest.MonkeyPatch) -> list[Producer]:
     Producer.made, Producer.refuse = [], True
     monkeypatch.setattr(sink, "KafkaProducer", Producer)
+    monkeypatch.setattr(sink, "no_busy_send_loop", lambda producer: None)  # a fake has no sender
     done = SimpleNamespace(wait=lambda timeout_ms=None: True)
 
     def commit(producer: Producer) -> Any:
