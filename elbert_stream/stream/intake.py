@@ -1,16 +1,15 @@
 """The intake stage: the one thread that owns the consumer (``KafkaSource``).
 
-Every consumer call runs here (kafka-python's consumer is not thread-safe): poll, pause / resume /
-hold, commit, assignment, lag, close. Per iteration it holds the partitions the sink parked a record
-of, pauses every partition while the ``Budget`` is spent (then waits for room between ``poll(0)`` calls,
-except while a group join is in flight: then it polls back to back, since kafka-python drops a join
-answered between two polls; else polls at most what is left, with a real ``poll_timeout_ms`` wait),
-drops polled records of a
-revoked assignment, decodes the rest (bad ones become ``DeadLetter`` items) and hands the batch to
-the tokenizer stage. It commits on the ``CommitCadence`` (the sink decides how: group offsets, or
-one transaction with the outputs) and refreshes the lag. On stop it closes its channel, waits for the
-output stage to finish (committing on the cadence meanwhile), commits once more, and closes the sink
-and the source.
+Every consumer call runs here (kafka-python's consumer is not thread-safe): poll, pause / resume / hold,
+commit, assignment, lag, close. Per iteration it holds the partitions the sink parked a record of,
+pauses every partition while the ``Budget`` is spent (it then waits for room between ``poll(0)`` calls,
+but polls back to back while a group join is in flight: kafka-python drops a join answered between two
+polls), else polls at most what is left with a real ``poll_timeout_ms`` wait, drops polled records of a
+revoked assignment, decodes the rest (bad ones become ``DeadLetter`` items) and hands the batch to the
+tokenizer stage. It commits on the ``CommitCadence`` (the sink decides how: group offsets, or one
+transaction with the outputs) and refreshes the lag. On stop it closes its channel, waits for the output
+stage to finish (committing on the cadence meanwhile), commits once more, and closes the sink and the
+source.
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ class Intake:
                 msgs = source.poll(self.settings.poll_timeout_ms)
             else:
                 self.budget.wait_for_room(self.settings.poll_timeout_ms / 1000)
-                msgs = source.poll(0)  # paused: nothing comes, but a pending join gets its polls
+                msgs = source.poll(0)  # paused: nothing comes, but a rebalance that starts is taken up
         else:
             source.resume()
             msgs = source.poll(self.settings.poll_timeout_ms,
