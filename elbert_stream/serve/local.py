@@ -5,6 +5,7 @@ replicas. Not used by a production replica.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections.abc import Mapping
@@ -120,4 +121,17 @@ def shutdown_local_ray() -> None:
         try:
             serve.shutdown()
         finally:
-            ray.shutdown()
+            # serve.shutdown() leaves its controller client's ActorHandle and an ObjectRef of the
+            # controller's graceful_shutdown task in reference cycles (Ray 2.60). If any thread's
+            # cyclic GC frees them while ray.shutdown() is tearing the core worker down, the driver
+            # _exit(1)s on the spot and silently ("The core worker has already been shutdown ... The
+            # process will exit", in python-core-driver-*.log only): a pytest run died that way after
+            # its Serve module. Free them while the worker is alive; no cyclic GC until it is gone.
+            gc.collect()
+            was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                ray.shutdown()
+            finally:
+                if was_enabled:
+                    gc.enable()

@@ -128,3 +128,17 @@ def report(name: str, acc: Accounting) -> str:
     line = f"[{name}] {acc.summary()}"
     print(line)
     return line
+
+
+def shutdown_ray_leaving_no_refs() -> None:
+    """``local.shutdown_local_ray()``, then check that no Ray ObjectRef or ActorHandle is left
+    for the cyclic GC: one freed by any thread while Ray shuts down makes the driver (this pytest
+    process) ``_exit(1)`` with no report at all, which is how a CI run once ended after its Serve module."""
+    import gc
+
+    import ray
+    from ray.actor import ActorHandle
+
+    local.shutdown_local_ray()
+    left = [type(o).__name__ for o in gc.get_objects() if isinstance(o, (ray.ObjectRef, ActorHandle))]
+    assert not left, f"Ray references left for the GC after shutdown_local_ray: {left}"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_support import Stream, report, texts
+from serve_support import Stream, report, shutdown_ray_leaving_no_refs, texts
 
 from elbert_stream.serve import local
 from elbert_stream.testing.broker import free_port
@@ -38,7 +38,7 @@ def http_port() -> Iterator[int]:
     port = free_port()
     local.start_local_ray(2, http_port=port)
     yield port
-    local.shutdown_local_ray()
+    shutdown_ray_leaving_no_refs()
 
 
 @pytest.fixture

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_support import LABELS, SESSION_TIMEOUT_MS, TINY_LAYERS, Stream, report, texts
+from serve_support import (
+    LABELS,
+    SESSION_TIMEOUT_MS,
+    TINY_LAYERS,
+    Stream,
+    report,
+    shutdown_ray_leaving_no_refs,
+    texts,
+)
 
 from elbert_stream.serve import local
 from elbert_stream.stream.source import join_bound_s
@@ -33,7 +41,7 @@ def http_port() -> Iterator[int]:
     port = free_port()
     local.start_local_ray(2, http_port=port, log_to_driver=bool(os.environ.get("ELBERT_TEST_RAY_LOGS")))
     yield port
-    local.shutdown_local_ray()
+    shutdown_ray_leaving_no_refs()
 
 
 @pytest.fixture
