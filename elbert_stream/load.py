@@ -112,7 +112,9 @@ REQUIRED_WORKER_STATS = (
 # messages; the worker feeds it only with exits at the DEFAULT exit gear, so while adaptive exit runs a
 # looser gear the pending work is still counted at the default gear's depths), max_slots (int),
 # num_busy (int), backlog (int, polled but not yet in the engine: counted
-# as waiting), paused (bool, consumer paused by backpressure: saturated), lag_per_partition
+# as waiting), paused (bool, consumer paused by backpressure: saturated), engine_busy_fraction (float,
+# share of the recent window the engine thread worked), layer_steps_per_busy_s (float, layer steps per
+# second of that work), lag_per_partition
 # ({partition: lag|None} | None), num_partitions_assigned (int), total_input_partitions (int).
 
 
@@ -124,9 +126,21 @@ def _total_lag(lag_per_partition: Mapping[Any, Any] | None) -> float | None:
     return sum(values) if values else None
 
 
+SATURATED_BUSY_FRACTION = 0.9  # the engine worked this share of the window: it was the bottleneck
+
+
 def is_saturated(worker_stats: Mapping[str, Any]) -> bool:
-    """The engine could not have gone faster: requests waiting, consumer paused, or every slot busy."""
-    if _num_waiting(worker_stats) > 0 or worker_stats.get("paused"):
+    """The engine could not have gone faster: it was busy for at least ``SATURATED_BUSY_FRACTION``
+    of the window (``engine_busy_fraction``), or the consumer is paused by backpressure. Without a
+    busy fraction (an older worker): requests waiting or every slot busy. Requests waiting alone do
+    not prove saturation: a worker that keeps up has a few just-polled messages in its queue at most
+    instants, and measuring "capacity" then would only measure the arrival rate."""
+    if worker_stats.get("paused"):
+        return True
+    busy_fraction = worker_stats.get("engine_busy_fraction")
+    if busy_fraction is not None:
+        return float(busy_fraction) >= SATURATED_BUSY_FRACTION
+    if _num_waiting(worker_stats) > 0:
         return True
     max_slots = float(worker_stats.get("max_slots") or 0)
     num_busy = worker_stats.get("num_busy", sum(worker_stats.get("busy_depth_counts", ())))
@@ -171,18 +185,24 @@ def build_replica_report(
 
 @dataclass
 class CapacityEstimator:
-    """EWMA of layer steps/s over windows where the engine was saturated.
+    """Layer steps/s one replica can do: an EWMA of the engine's throughput in saturated windows.
 
-    Unsaturated windows say only "capacity >= observed", so they are ignored; the last measured
-    value is kept. ``value`` is 0.0 until the first saturated window.
+    An unsaturated window says only "capacity >= what the engine did per second *while it ran*"
+    (``layer_steps_per_busy_s``: a lower bound, since a fuller batch does more rows per step), so it
+    can raise the estimate but never lower it. ``value`` is 0.0 until the engine has run.
     """
 
     alpha: float = 0.3
     value: float = 0.0
 
-    def update(self, layer_steps_per_s: float, saturated: bool) -> float:
-        if saturated and layer_steps_per_s > 0:
-            sample = float(layer_steps_per_s)
+    def update(self, layer_steps_per_s: float, saturated: bool, layer_steps_per_busy_s: float = 0.0) -> float:
+        if saturated:
+            sample = float(max(layer_steps_per_s, layer_steps_per_busy_s))
+        elif layer_steps_per_busy_s > self.value:
+            sample = float(layer_steps_per_busy_s)
+        else:
+            return self.value
+        if sample > 0:
             self.value = sample if self.value <= 0 else self.alpha * sample + (1 - self.alpha) * self.value
         return self.value
 
@@ -200,6 +220,7 @@ class ReplicaReporter:
 
     def report(self, worker_stats: Mapping[str, Any]) -> dict[str, float]:
         capacity = self.estimator.update(
-            float(worker_stats.get("layer_steps_per_s", 0.0)), is_saturated(worker_stats)
+            float(worker_stats.get("layer_steps_per_s", 0.0)), is_saturated(worker_stats),
+            float(worker_stats.get("layer_steps_per_busy_s") or 0.0),
         )
         return build_replica_report(worker_stats, capacity, self.prior_count)

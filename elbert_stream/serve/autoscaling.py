@@ -144,14 +144,17 @@ def decide_replicas(
     now_s: float,
     state: Mapping[str, Any],
     fallback_capacity: float | None = None,
+    fixed_capacity: float | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """The whole decision on plain numbers: sizing, hysteresis, clamping.
 
-    Without a capacity measurement (no replica has been saturated yet) and no
-    ``fallback_capacity``, the count is held, except that a deployment with no load at all
-    may fall back to ``min_replicas`` (through the same scale-down delay).
+    ``fixed_capacity`` (benchmarked per replica, pinned in the config) replaces the replicas'
+    measurements; ``fallback_capacity`` is used only until a replica has measured one. Without
+    either and without a measurement (no replica's engine has run yet), the count is held, except
+    that a deployment with no load at all may fall back to ``min_replicas`` (through the same
+    scale-down delay).
     """
-    capacity = load.capacity_layers_per_s or fallback_capacity
+    capacity = fixed_capacity or load.capacity_layers_per_s or fallback_capacity
     if load.num_reporting == 0:
         return current_target, dict(state)
     if capacity:
@@ -175,12 +178,14 @@ class ExitDepthPolicy:
     """``autoscaling_config.policy.policy_function: elbert_stream.serve.autoscaling:ExitDepthPolicy``.
 
     Ray instantiates a class policy once with ``policy_kwargs`` (the :class:`AutoscalingSettings`
-    fields, plus optional ``fallback_capacity_layer_steps_per_s``) and calls it every control
-    loop tick with an ``AutoscalingContext``; it returns ``(num_replicas, policy_state)``.
+    fields, plus optional ``fallback_capacity_layer_steps_per_s`` / ``capacity_layer_steps_per_s``) and
+    calls it every control loop tick with an ``AutoscalingContext``; it returns
+    ``(num_replicas, policy_state)``.
     Hysteresis state travels in ``ctx.policy_state`` (Ray persists the returned dict).
     """
 
-    def __init__(self, fallback_capacity_layer_steps_per_s: float | None = None, **settings: Any) -> None:
+    def __init__(self, fallback_capacity_layer_steps_per_s: float | None = None,
+                 capacity_layer_steps_per_s: float | None = None, **settings: Any) -> None:
         try:
             self.settings = AutoscalingSettings(**settings)
         except Exception as exc:  # pydantic ValidationError; quote the bad kwargs
@@ -188,7 +193,13 @@ class ExitDepthPolicy:
         unknown = set(settings) - set(AutoscalingSettings.model_fields)
         if unknown:
             raise ConfigError(f"unknown ExitDepthPolicy policy_kwargs {sorted(unknown)}")
+        for name, value in (("fallback_capacity_layer_steps_per_s", fallback_capacity_layer_steps_per_s),
+                            ("capacity_layer_steps_per_s", capacity_layer_steps_per_s)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"ExitDepthPolicy {name} must be a number > 0 (layer steps/s per replica), "
+                                  f"got {value!r}")
         self.fallback_capacity = fallback_capacity_layer_steps_per_s
+        self.fixed_capacity = capacity_layer_steps_per_s
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         load = summarize_reports(ctx.aggregated_metrics)
@@ -197,7 +208,7 @@ class ExitDepthPolicy:
         replicas, own_state = decide_replicas(
             load, self.settings, ctx.target_num_replicas,
             ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas,
-            now_s, state, self.fallback_capacity,
+            now_s, state, self.fallback_capacity, self.fixed_capacity,
         )
         state.update(own_state)
         if replicas != ctx.target_num_replicas:

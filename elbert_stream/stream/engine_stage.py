@@ -148,7 +148,7 @@ class EngineStage:
     def _refresh_stats(self) -> None:
         now = time.monotonic()
         if now - self.loop.engine_at >= STATS_EVERY_S:
-            self.loop.set_engine(self.engine.stats(), now)
+            self.loop.set_engine(self.engine.stats(), now, self.clock.busy_s)
 
     def pending_jobs(self) -> list[SyncRef]:
         """Synchronous requests still waiting here (to fail at close)."""

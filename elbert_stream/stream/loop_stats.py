@@ -33,9 +33,10 @@ class LoopStats:
         self._engine: dict[str, Any] = {}
         self._lag: dict[TopicPartition, int | None] = {}
         self._total_partitions = 0
-        self._window = (time.monotonic(), 0, 0, 0)  # start, arrived, finished, layer rows
+        self._window = (time.monotonic(), 0, 0, 0, 0.0)  # start, arrived, finished, layer rows, busy s
         self._rates = {"arrival_rate_msgs_per_s": 0.0, "finished_rate_msgs_per_s": 0.0,
-                       "layer_steps_per_s": 0.0}
+                       "layer_steps_per_s": 0.0, "engine_busy_fraction": 0.0,
+                       "layer_steps_per_busy_s": 0.0}
 
     def arrived(self, n: int) -> None:
         with self._lock:
@@ -57,20 +58,27 @@ class LoopStats:
             for k, p in enumerate(preds):
                 recent[min(max(p.exit_depth, 1), len(recent)) - 1] += self._decay ** (n - 1 - k)
 
-    def set_engine(self, stats: Any, now: float) -> None:
+    def set_engine(self, stats: Any, now: float, busy_s: float = 0.0) -> None:
+        """The engine's counters at ``now``; ``busy_s``: the engine thread's cumulative seconds of
+        work (feeding and stepping the engine, not waiting for input). Per window they give
+        ``engine_busy_fraction`` (busy seconds / wall seconds) and ``layer_steps_per_busy_s`` (what
+        the engine does per second while it runs: its capacity at the batch occupancy it had)."""
         eng = asdict(stats)
         with self._lock:
             self.engine_at = now
             self._engine = eng
-            start, arrived, finished, rows = self._window
+            start, arrived, finished, rows, busy = self._window
             dt = now - start
             if dt >= RATE_WINDOW_S:
+                d_rows, d_busy = eng["num_layer_rows"] - rows, max(0.0, busy_s - busy)
                 self._rates = {
                     "arrival_rate_msgs_per_s": (self._arrived - arrived) / dt,
                     "finished_rate_msgs_per_s": (self._finished - finished) / dt,
-                    "layer_steps_per_s": (eng["num_layer_rows"] - rows) / dt,
+                    "layer_steps_per_s": d_rows / dt,
+                    "engine_busy_fraction": min(1.0, d_busy / dt),
+                    "layer_steps_per_busy_s": d_rows / d_busy if d_busy > 0 else 0.0,
                 }
-                self._window = (now, self._arrived, self._finished, eng["num_layer_rows"])
+                self._window = (now, self._arrived, self._finished, eng["num_layer_rows"], busy_s)
 
     def set_lag(self, lag: dict[TopicPartition, int | None], total_partitions: int, now: float) -> None:
         with self._lock:

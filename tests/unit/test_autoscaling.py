@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
 
 from elbert_stream import load
+from elbert_stream.config import AutoscalingSettings
 from elbert_stream.errors import ConfigError
 from elbert_stream.serve import autoscaling as asc
 
@@ -132,6 +133,45 @@ def test_capacity_is_measured_only_while_saturated() -> None:
     assert full_table[load.CAPACITY] == pytest.approx(1500.0)  # EWMA alpha 0.5
     after = reporter.report(_worker_stats(1, exits, steps_per_s=10.0))
     assert after[load.CAPACITY] == pytest.approx(1500.0)  # kept when no longer saturated
+
+
+def test_a_replica_that_keeps_up_is_not_saturated_and_its_capacity_is_not_its_arrival_rate() -> None:
+    """A replica answering 100 layer steps/s of traffic with its engine busy 10 % of the time has a
+    few just-polled messages waiting at most instants. Taking those as saturation measured the arrival
+    rate as "capacity" (100), so the policy asked for 100 / (0.7 x 100) = 2 replicas, and each new
+    replica measured its own smaller share the same way: steady light load ratcheted up to
+    max_replicas. Its capacity is at least what the engine does per busy second."""
+    exits = [10] + [0] * (L - 1)
+    keeping_up = {**_worker_stats(100, exits, waiting=3, steps_per_s=100.0),
+                  "backlog": 5, "engine_busy_fraction": 0.1, "layer_steps_per_busy_s": 1000.0}
+    assert not load.is_saturated(keeping_up)
+    assert load.is_saturated({**keeping_up, "engine_busy_fraction": 0.95})
+    assert load.is_saturated({**keeping_up, "paused": True})
+    reporter = load.ReplicaReporter.create(alpha=0.5)
+    report = reporter.report(keeping_up)
+    assert report[load.CAPACITY] == pytest.approx(1000.0)
+    cfg = AutoscalingSettings(target_utilization=0.7, drain_time_s=30.0)
+    replicas, _ = asc.decide_replicas(asc.summarize_reports({k: {"r1": v} for k, v in report.items()}),
+                                      cfg, 1, 1, 8, 0.0, {})
+    assert replicas == 1
+    # a saturated window measures the real throughput; a lighter unsaturated one never lowers it
+    full = reporter.report({**keeping_up, "engine_busy_fraction": 1.0, "layer_steps_per_s": 3000.0,
+                            "layer_steps_per_busy_s": 3000.0})
+    assert full[load.CAPACITY] == pytest.approx(2000.0)  # EWMA alpha 0.5
+    light = reporter.report({**keeping_up, "layer_steps_per_busy_s": 400.0})
+    assert light[load.CAPACITY] == pytest.approx(2000.0)
+
+
+def test_a_pinned_capacity_replaces_the_measured_one_and_a_bad_one_is_refused() -> None:
+    cfg = AutoscalingSettings(target_utilization=0.5, drain_time_s=30.0)
+    measured = asc.DeploymentLoad(arrival_layers_per_s=600.0, backlog_layers=0.0,
+                                  capacity_layers_per_s=2000.0, num_partitions=8, num_reporting=1)
+    assert asc.decide_replicas(measured, cfg, 1, 1, 8, 0.0, {})[0] == 1  # 600 / (0.5 x 2000)
+    assert asc.decide_replicas(measured, cfg, 1, 1, 8, 0.0, {}, fixed_capacity=300.0)[0] == 4  # 600 / 150
+    assert asc.ExitDepthPolicy(capacity_layer_steps_per_s=300).fixed_capacity == 300
+    for bad in (0, -5, "fast"):
+        with pytest.raises(ConfigError, match="capacity_layer_steps_per_s must be a number > 0"):
+            asc.ExitDepthPolicy(capacity_layer_steps_per_s=bad)
 
 
 # --------------------------------------------------------------------------- the policy

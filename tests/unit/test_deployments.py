@@ -99,6 +99,10 @@ def test_production_autoscaling_uses_the_exit_depth_policy() -> None:
     policy = ExitDepthPolicy(**config.policy.policy_kwargs)  # what Serve instantiates
     assert 0 < policy.settings.target_utilization <= 1
     assert config.upscale_delay_s == 0 and config.downscale_delay_s == 0  # our hysteresis only
+    # reports reach the controller every metrics_interval_s (Ray's default 10 s would leave a
+    # burst unseen for up to 10 s, and Ray warns when the look-back is not longer than it)
+    assert "metrics_interval_s" in dep["autoscaling_config"]
+    assert config.metrics_interval_s <= config.look_back_period_s / 2
     assert 1 <= config.min_replicas < config.max_replicas
     assert dep["ray_actor_options"]["num_gpus"] == 1
     assert "bootstrap_servers" not in dep["user_config"]["kafka"]  # comes from the pod env

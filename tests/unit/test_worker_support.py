@@ -55,12 +55,14 @@ def test_loop_stats_rates_and_snapshot() -> None:
     t0 = loop._window[0]
     stats = EngineStats(mode="continuous", max_slots=4, num_layer_rows=300, exit_depth_counts=[5, 10, 5],
                         busy_depth_counts=[1, 2, 0], num_busy=3, num_waiting=7)
-    loop.set_engine(stats, t0 + 2.0)
+    loop.set_engine(stats, t0 + 2.0, busy_s=0.5)
     loop.set_lag({TopicPartition("in", 1): 4, TopicPartition("in", 0): None}, 8, t0 + 2.0)
     snap = loop.snapshot()
     assert snap["arrival_rate_msgs_per_s"] == pytest.approx(25.0)
     assert snap["finished_rate_msgs_per_s"] == pytest.approx(10.0)
     assert snap["layer_steps_per_s"] == pytest.approx(150.0)
+    assert snap["engine_busy_fraction"] == pytest.approx(0.25)  # 0.5 busy s in a 2 s window
+    assert snap["layer_steps_per_busy_s"] == pytest.approx(600.0)  # 300 rows in 0.5 busy s
     assert snap["busy_depth_counts"] == [1, 2, 0] and snap["num_waiting"] == 7
     assert snap["lag_per_partition"] == {"in[0]": None, "in[1]": 4}
     assert (snap["num_partitions_assigned"], snap["total_input_partitions"]) == (2, 8)
