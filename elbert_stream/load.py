@@ -131,10 +131,11 @@ SATURATED_BUSY_FRACTION = 0.9  # the engine worked this share of the window: it 
 
 def is_saturated(worker_stats: Mapping[str, Any]) -> bool:
     """The engine could not have gone faster: it was busy for at least ``SATURATED_BUSY_FRACTION``
-    of the window (``engine_busy_fraction``), or the consumer is paused by backpressure. Without a
-    busy fraction (an older worker): requests waiting or every slot busy. Requests waiting alone do
-    not prove saturation: a worker that keeps up has a few just-polled messages in its queue at most
-    instants, and measuring "capacity" then would only measure the arrival rate."""
+    of the window (``engine_busy_fraction``), or the consumer is paused by backpressure. Stats without
+    a busy fraction (hand-built ones; every ``Worker`` reports it): requests waiting or every slot
+    busy. Requests waiting alone do not prove saturation: a worker that keeps up has a few
+    just-polled messages in its queue at most instants, and measuring "capacity" then would only
+    measure the arrival rate."""
     if worker_stats.get("paused"):
         return True
     busy_fraction = worker_stats.get("engine_busy_fraction")
@@ -196,8 +197,8 @@ class CapacityEstimator:
     value: float = 0.0
 
     def update(self, layer_steps_per_s: float, saturated: bool, layer_steps_per_busy_s: float = 0.0) -> float:
-        if saturated:
-            sample = float(max(layer_steps_per_s, layer_steps_per_busy_s))
+        if saturated:  # per busy second when known (never below per wall second: busy <= wall)
+            sample = float(layer_steps_per_busy_s or layer_steps_per_s)
         elif layer_steps_per_busy_s > self.value:
             sample = float(layer_steps_per_busy_s)
         else:

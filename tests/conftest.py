@@ -12,6 +12,7 @@ import pytest
 
 TRACEBACK_LINES = 40
 OUTPUT_LINES = 15
+_REPORTER: dict[str, pytest.TerminalReporter] = {}  # set by pytest_configure
 
 
 def _tail(text: str, n: int) -> str:
@@ -33,9 +34,6 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             reporter.write_line(f"-- {name} (last {OUTPUT_LINES} lines) --")
             reporter.write_line(_tail(content, OUTPUT_LINES))
     reporter.write_line("---- end of the failure ----")
-
-
-_REPORTER: dict[str, pytest.TerminalReporter] = {}
 
 
 @pytest.hookimpl(trylast=True)  # after the terminal plugin's own pytest_configure registered its reporter
